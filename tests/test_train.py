@@ -1,0 +1,133 @@
+"""The reference run end to end on a tiny random Qwen2: CLI, outputs, TensorBoard, reload, predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import GLUE_DIR, REFERENCE_CONFIG, as_set_args, run_cli, tiny_overrides
+from gluetune.cli import main
+from gluetune.config import load_config
+from gluetune.data import read_glue_split
+from gluetune.prediction import Classifier
+from gluetune.tasks import get_task
+from gluetune.training import train
+
+
+def scalar_tags(log_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in log_dir.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_qwen, tmp_path_factory):
+    """The reference config through the real `train.py`, shrunk by --set only."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG),
+                     *as_set_args(tiny_overrides(tiny_qwen, out, train=96, evals=48, epochs=2)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_cli_run_writes_the_promised_outputs(cli_run):
+    out, result = cli_run
+    assert "trainable params: 3,648 ||" in result.stderr  # 2 layers x LoRA q,k,v,o + score, computed
+    assert "bf16 is not supported on this device (cpu); training in fp32" in result.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
+                 "resolved_config.yaml", "metrics.json"):
+        assert (out / name).is_file(), name
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert "score" in adapter["modules_to_save"] and adapter["r"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("matthews_correlation", "accuracy", "f1", "precision", "recall"):
+        assert -1 <= metrics["validation"][key] <= 1
+    assert metrics["train"]["runtime_s"] > 0 and metrics["train"]["steps"] == 6  # 96 / 32 x 2 epochs
+    assert metrics["best_checkpoint"].startswith("checkpoint-")
+    assert metrics["precision"] == "fp32" and metrics["trainable_parameters"] == 3648
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    assert resolved["training"]["bf16"] is True and resolved["dataset"]["max_train_samples"] == 96
+
+
+def test_cli_run_logs_to_tensorboard(cli_run):
+    out, _ = cli_run
+    tags = scalar_tags(out / "logs")
+    assert {"train/loss", "eval/matthews_correlation", "eval/accuracy", "train/learning_rate"} <= tags
+    assert not (out / "runs").exists()
+
+
+def test_best_checkpoint_is_the_one_saved(cli_run):
+    out, _ = cli_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    state = json.loads((out / metrics["best_checkpoint"] / "trainer_state.json").read_text())
+    evals = [e["eval_matthews_correlation"] for e in state["log_history"] if "eval_matthews_correlation" in e]
+    assert metrics["best_metric"] == max(evals)
+    assert metrics["validation"]["matthews_correlation"] == pytest.approx(max(evals), abs=1e-9)
+
+
+def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
+    out, _ = cli_run
+    assert main(["evaluate", "--model_path", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())["validation"]
+    assert f"'accuracy': {round(metrics['accuracy'], 4)}" in printed
+    assert f"'matthews_correlation': {round(metrics['matthews_correlation'], 4)}" in printed
+
+
+def test_inference_script_prints_label_and_probability(cli_run):
+    out, _ = cli_run
+    result = run_cli("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
+                     "--input_text", "The book was written by John.")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(("label=acceptable probability=", "label=unacceptable probability=")), line
+    assert 0.5 <= float(line.split("probability=")[1]) <= 1
+
+
+def test_predict_files_in_batches(cli_run, tmp_path, capsys):
+    out, _ = cli_run
+    (tmp_path / "in.txt").write_text("The book was written by John.\nThe book was written John.\nShe gave he a present.\n")
+    assert main(["predict", "--model_path", str(out), "--input_file", str(tmp_path / "in.txt"),
+                 "--output_file", str(tmp_path / "out.tsv"), "--batch_size", "2"]) == 0
+    lines = (tmp_path / "out.tsv").read_text().splitlines()
+    assert lines[0] == "index\tsentence\tlabel\tprobability" and len(lines) == 4
+    assert lines[2].split("\t")[1] == "The book was written John."
+    (tmp_path / "in.jsonl").write_text('{"sentence": "One."}\n{"sentence": "Two two."}\n')
+    assert main(["predict", "--model_path", str(out), "--input_file", str(tmp_path / "in.jsonl"),
+                 "--output_file", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["sentence"] for r in rows] == ["One.", "Two two."]
+    assert all(r["label"] in ("acceptable", "unacceptable") and 0.5 <= r["probability"] <= 1 for r in rows)
+
+
+def test_reloaded_folder_predicts_what_training_ended_with(tiny_qwen, tmp_path):
+    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=32, epochs=2))
+    outcome = train(config)
+    texts = [(s,) for s in read_glue_split(GLUE_DIR, get_task("cola"), "validation")["sentence"][:40]]
+    in_memory = Classifier(outcome.model.eval(), outcome.tokenizer, config).logits(texts)
+    reloaded = Classifier.from_folder(tmp_path / "run").logits(texts)
+    np.testing.assert_allclose(reloaded, in_memory, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(reloaded[:, 0], reloaded[:, 1])
+
+
+def test_gradient_checkpointing_trains_with_lora(tiny_qwen, tmp_path):
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "gc", train=32, evals=16) + ["training.gradient_checkpointing=true"]
+    metrics = train(load_config(REFERENCE_CONFIG, overrides)).metrics
+    assert np.isfinite(metrics["train"]["loss"])
+
+
+def test_training_is_deterministic_on_cpu(tiny_qwen, tmp_path):
+    runs = [
+        train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / f"r{i}", train=48, evals=32))).metrics
+        for i in range(2)
+    ]
+    assert runs[0]["validation"] == runs[1]["validation"]
+    assert runs[0]["train"]["loss"] == runs[1]["train"]["loss"]
