@@ -27,13 +27,13 @@ def pytest_sessionstart(session):
     os.environ.pop("GLUE_DIR", None)
 
 
-def build_tiny_qwen(folder: Path, seed: int = 0, num_labels: int | None = None) -> Path:
+def build_tiny_qwen(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """A 2-layer, 32-wide random Qwen2 with the real Qwen2.5 tokenizer, saved as a hub-style folder."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
     )

@@ -78,8 +78,8 @@ def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
     assert main(["evaluate", "--model_path", str(out)]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())["validation"]
-    assert f"'accuracy': {round(metrics['accuracy'], 4)}" in printed
-    assert f"'matthews_correlation': {round(metrics['matthews_correlation'], 4)}" in printed
+    mcc = f"{metrics['matthews_correlation']:.4f}"
+    assert printed.splitlines()[1].split() == ["cola", "matthews_correlation", mcc, mcc, str(out)]
 
 
 def test_inference_script_prints_label_and_probability(cli_run):

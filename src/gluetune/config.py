@@ -264,6 +264,7 @@ TRAINING_EXTRAS: dict[str, Any] = {
     "logging_dir": str | None,  # TensorBoard event files; default <output_dir>/logs
     "warmup_ratio": float | None,  # v5 takes a fraction < 1 as `warmup_steps`
     "fast_cpu_dropout": bool,  # speedups.FastCpuDropout when training on a CPU (default true)
+    "overwrite_output_dir": bool,  # start over in a non-empty output folder (v4 name; --overwrite)
 }
 
 

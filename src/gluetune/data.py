@@ -70,7 +70,8 @@ def load_splits(config: RunConfig, splits: list[str]):
     else:
         loaded = load_hub_splits(dataset.name, task, splits)
     for split, ds in loaded.items():
-        limit = dataset.max_train_samples if split == "train" else dataset.max_eval_samples
+        # Test splits are never cut: a submission must cover every test example.
+        limit = dataset.max_train_samples if split == "train" else None if split.startswith("test") else dataset.max_eval_samples
         if limit is not None and len(ds) > limit:
             loaded[split] = ds.select(range(limit))
     return loaded

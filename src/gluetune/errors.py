@@ -15,6 +15,22 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """Bad input: a config typo, a missing file or column, a label out of range, ..."""
 
+    exit_code = EXIT_USER_ERROR
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+    exit_code = 3
+
+
+class RunInterrupted(UserError):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""

@@ -22,7 +22,6 @@ def classification_metrics(labels, predictions, num_labels: int) -> dict[str, fl
     }
     if num_labels > 2:
         metrics["f1_macro"] = metrics["f1"]
-    metrics["combined_score"] = (metrics["accuracy"] + metrics["f1"]) / 2
     # How many distinct classes the model predicted: 1 means a degenerate (single-class) model.
     metrics["predicted_classes"] = int(len(np.unique(predictions)))
     return metrics
@@ -54,19 +53,22 @@ def task_metrics(task: Task, labels, logits) -> dict[str, float]:
     predictions = predictions_from_logits(logits, task)
     if task.is_regression:
         return regression_metrics(labels, predictions)
-    return classification_metrics(labels, predictions, task.num_labels)
+    metrics = classification_metrics(labels, predictions, task.num_labels)
+    if "combined_score" in task.metrics:  # GLUE's score for MRPC and QQP: (accuracy + F1) / 2
+        metrics["combined_score"] = (metrics["accuracy"] + metrics["f1"]) / 2
+    return metrics
 
 
 def glue_score(task: Task, metrics: dict[str, float]) -> float:
-    """GLUE's one number per task: the mean of the task's GLUE metrics (MCC for CoLA,
-    (acc+F1)/2 for MRPC and QQP, (Pearson+Spearman)/2 for STS-B, accuracy otherwise)."""
-    glue_metrics = {
-        "cola": ["matthews_correlation"],
-        "mrpc": ["accuracy", "f1"],
-        "qqp": ["accuracy", "f1"],
-        "stsb": ["pearson", "spearmanr"],
-    }.get(task.name, [task.primary_metric if task.primary_metric != "combined_score" else "accuracy"])
-    return float(np.mean([metrics[m] for m in glue_metrics]))
+    """GLUE's one number for a task on one split: the mean of the task's GLUE metrics (MCC for
+    CoLA, (acc+F1)/2 for MRPC and QQP, (Pearson+Spearman)/2 for STS-B, accuracy otherwise)."""
+    return float(np.mean([metrics[m] for m in task.score_metrics]))
+
+
+def task_score(task: Task, results: dict[str, dict[str, float]]) -> float:
+    """A task's GLUE score over its validation splits ({split: metrics}): MNLI counts once, as
+    the mean of matched and mismatched, as on the GLUE leaderboard."""
+    return float(np.mean([glue_score(task, metrics) for metrics in results.values()]))
 
 
 def trainer_metrics_fn(task: Task):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, methods, models
+from . import data, methods, models, rundir
 from .config import CONFIG_FILENAME, RunConfig, load_saved_config
 from .errors import UserError
 
@@ -22,6 +22,18 @@ class Prediction:
     label: str | float  # the label name, or the score for regression
     label_id: int | None
     probability: float | None  # of the predicted label
+
+
+def saved_config(folder: str | Path, overrides: list[str] | None = None) -> RunConfig | None:
+    """The config a gluetune output folder was trained with (for a checkpoint-N inside one, the
+    folder's), with `overrides` applied; None for a folder gluetune did not write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder}")
+    for candidate in (folder, folder.parent):
+        if (candidate / CONFIG_FILENAME).is_file():
+            return load_saved_config(candidate, overrides)
+    return None
 
 
 class Classifier:
@@ -43,12 +55,14 @@ class Classifier:
         import torch
 
         folder = Path(folder)
-        if not folder.is_dir():
-            raise UserError(f"model folder not found: {folder}")
-        if (folder / CONFIG_FILENAME).is_file():
-            config = load_saved_config(folder, overrides)
-        elif (folder.parent / CONFIG_FILENAME).is_file():  # a checkpoint-N inside an output folder
-            config = load_saved_config(folder.parent, overrides)
+        saved = saved_config(folder, overrides)
+        if saved is not None:
+            config = saved
+            if (folder / CONFIG_FILENAME).is_file() and not rundir.is_finished(folder):
+                raise UserError(
+                    f"{folder}: its run has not finished (no {rundir.METRICS_FILENAME}); finish it with "
+                    "`gluetune train ... --resume`, or pass one of its checkpoint-N folders"
+                )
         elif config is None:
             raise UserError(f"{folder} holds no {CONFIG_FILENAME}: is it a gluetune output folder? (or pass --config)")
         elif not (folder / "adapter_config.json").is_file():

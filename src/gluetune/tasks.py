@@ -36,7 +36,9 @@ class Task:
     name: str
     text_columns: tuple[str, ...]
     label_names: tuple[str, ...]  # empty for regression
-    metrics: tuple[str, ...]  # the GLUE metrics; the first one selects the best checkpoint
+    metrics: tuple[str, ...]  # what is reported; the first one selects the best checkpoint
+    # The metrics the GLUE paper scores the task by; their mean is the task's GLUE score.
+    glue_metrics: tuple[str, ...] = ()
     validation_splits: tuple[str, ...] = ("validation",)
     test_splits: tuple[str, ...] = ("test",)
     hub_subset: str | None = None
@@ -56,6 +58,11 @@ class Task:
     @property
     def primary_metric(self) -> str:
         return self.metrics[0]
+
+    @property
+    def score_metrics(self) -> tuple[str, ...]:
+        """What the task's one-number score averages: the GLUE metrics, else the primary one."""
+        return self.glue_metrics or (self.primary_metric,)
 
 
 def _pair_layout(dir_name, a, b, label, files=None, label_map=None, test_a=None, test_b=None, index="index"):
@@ -79,6 +86,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("sentence",),
         label_names=("unacceptable", "acceptable"),
         metrics=("matthews_correlation", "accuracy", "f1", "precision", "recall"),
+        glue_metrics=("matthews_correlation",),
         hub_subset="cola",
         # train/dev: no header; source, label, original mark, sentence. test: index, sentence.
         local=LocalLayout(
@@ -96,6 +104,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("sentence",),
         label_names=("negative", "positive"),
         metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        glue_metrics=("accuracy",),
         hub_subset="sst2",
         local=LocalLayout(
             dir_name="SST-2",
@@ -111,6 +120,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("sentence1", "sentence2"),
         label_names=("not_equivalent", "equivalent"),
         metrics=("combined_score", "accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        glue_metrics=("accuracy", "f1"),
         hub_subset="mrpc",
         local=_pair_layout("MRPC", ("sentence1", "#1 String"), ("sentence2", "#2 String"), "Quality"),
         submission_names={"test": "MRPC"},
@@ -120,6 +130,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("question1", "question2"),
         label_names=("not_duplicate", "duplicate"),
         metrics=("combined_score", "accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        glue_metrics=("accuracy", "f1"),
         hub_subset="qqp",
         local=_pair_layout("QQP", ("question1", "question1"), ("question2", "question2"), "is_duplicate", index="id"),
         submission_names={"test": "QQP"},
@@ -129,6 +140,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("sentence1", "sentence2"),
         label_names=(),
         metrics=("combined_score", "pearson", "spearmanr"),
+        glue_metrics=("pearson", "spearmanr"),
         hub_subset="stsb",
         local=_pair_layout("STS-B", ("sentence1", "sentence1"), ("sentence2", "sentence2"), "score"),
         submission_names={"test": "STS-B"},
@@ -138,6 +150,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("premise", "hypothesis"),
         label_names=("entailment", "neutral", "contradiction"),
         metrics=("accuracy",),
+        glue_metrics=("accuracy",),
         validation_splits=("validation_matched", "validation_mismatched"),
         test_splits=("test_matched", "test_mismatched"),
         hub_subset="mnli",
@@ -163,6 +176,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("question", "sentence"),
         label_names=("entailment", "not_entailment"),
         metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        glue_metrics=("accuracy",),
         hub_subset="qnli",
         local=_pair_layout("QNLI", ("question", "question"), ("sentence", "sentence"), "label", label_map=_NLI),
         submission_names={"test": "QNLI"},
@@ -173,6 +187,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("sentence1", "sentence2"),
         label_names=("entailment", "not_entailment"),
         metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        glue_metrics=("accuracy",),
         hub_subset="rte",
         local=_pair_layout("RTE", ("sentence1", "sentence1"), ("sentence2", "sentence2"), "label", label_map=_NLI),
         submission_names={"test": "RTE"},
@@ -183,6 +198,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("sentence1", "sentence2"),
         label_names=("not_entailment", "entailment"),
         metrics=("accuracy", "f1", "precision", "recall", "matthews_correlation"),
+        glue_metrics=("accuracy",),
         hub_subset="wnli",
         local=_pair_layout("WNLI", ("sentence1", "sentence1"), ("sentence2", "sentence2"), "label"),
         submission_names={"test": "WNLI"},
@@ -192,6 +208,7 @@ GLUE_TASKS: dict[str, Task] = {
         text_columns=("premise", "hypothesis"),
         label_names=("entailment", "neutral", "contradiction"),
         metrics=("matthews_correlation",),
+        glue_metrics=("matthews_correlation",),
         validation_splits=(),
         hub_subset="ax",
         # The diagnostic set ships as glue_data/diagnostic/diagnostic.tsv, unlabeled.
@@ -209,7 +226,7 @@ GLUE_TASKS: dict[str, Task] = {
 }
 
 # Names users type for the same task (the GLUE directory names and the leaderboard's spellings).
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "diagnostic": "ax"}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli-mm": "mnli", "diagnostic": "ax"}
 
 
 def get_task(name: str) -> Task:

@@ -8,14 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from . import data, models, rundir
+from .callbacks import GracefulStop, SingleClassWarning, tensorboard_callback
 from .config import TRAINING_EXTRAS, RunConfig, save_config
-from .errors import UserError
+from .errors import RunInterrupted, TrainingDiverged, UserError
 from .io import atomic_write_json
+from .metrics import trainer_metrics_fn
+from .sampling import LengthGroupedSampler
 from .speedups import accelerator_settings, use_fast_cpu_dropout
 
 logger = logging.getLogger("gluetune")
 
-METRICS_FILENAME = "metrics.json"
 _TIMING_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 
@@ -23,9 +29,11 @@ _TIMING_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if cuda_available() else "cpu"
 
 
 def precision_settings(training: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -34,97 +42,114 @@ def precision_settings(training: dict[str, Any]) -> tuple[dict[str, Any], list[s
     The reference config asks for bf16; on a CPU without native bf16 it must still run, and
     CPU autocast to bf16 is both slow and a numerics change nobody asked for.
     """
-    import torch
-
     notices, settings = [], {}
     cuda = cuda_available()
     if training.get("bf16") and not (cuda and torch.cuda.is_bf16_supported()):
         settings["bf16"] = False
-        notices.append(f"bf16 is not supported on this device ({_device_name()}); training in fp32")
+        notices.append(f"bf16 is not supported on this device ({device_name()}); training in fp32")
     if training.get("fp16") and not cuda:
         settings["fp16"] = False
-        notices.append(f"fp16 is not supported on this device ({_device_name()}); training in fp32")
+        notices.append(f"fp16 is not supported on this device ({device_name()}); training in fp32")
     if training.get("tf32") and not cuda:
         settings["tf32"] = None
     return settings, notices
 
 
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return "cpu"
-
-
 def effective_training(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
     """The TrainingArguments keyword arguments for this run on this machine."""
     training = dict(config.training)
-    for key in TRAINING_EXTRAS:  # gluetune's own keys, handled here, not by TrainingArguments
+    for key in (*TRAINING_EXTRAS, "resume_from_checkpoint"):  # handled by gluetune, not TrainingArguments
         training.pop(key, None)
     precision, notices = precision_settings(training)
-    training.update(precision)
     accelerators, more_notices = accelerator_settings(training, cuda_available())
+    training.update(precision)
     training.update(accelerators)
-    notices += more_notices
-    for notice in notices if not quiet else []:
+    for notice in [] if quiet else notices + more_notices:
         logger.warning(notice)
 
-    # TensorBoard is written by our own callback into <output_dir>/logs (transformers v5 dropped
-    # `logging_dir`); other reporters pass through.
+    # TensorBoard is written by our own callback into <output_dir>/logs; other reporters pass through.
     report_to = [r for r in training.get("report_to") or [] if r not in ("tensorboard", "all", "none")]
     training["report_to"] = report_to or "none"
     training.setdefault("logging_nan_inf_filter", False)  # a NaN loss must be seen, not filtered
     if not cuda_available():
         training.setdefault("dataloader_pin_memory", False)
-
     if training.get("gradient_checkpointing"):
         # Non-reentrant checkpointing lets gradients reach LoRA weights although the inputs of
         # the checkpointed blocks (frozen embeddings) do not require grad.
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
 
     validation_splits = config.task.validation_splits
+    if not validation_splits:
+        raise UserError(f"task '{config.task.name}' has no validation split to train against")
     metric = training.get("metric_for_best_model")
     if metric and len(validation_splits) > 1 and not metric.startswith(validation_splits):
         # With several eval sets the Trainer prefixes each metric with its split's name.
         training["metric_for_best_model"] = f"{validation_splits[0]}_{metric.removeprefix('eval_')}"
-    if not validation_splits:
-        raise UserError(f"task '{config.task.name}' has no validation split to train against")
     return training
 
 
-def training_arguments(config: RunConfig, quiet: bool = False):
-    from transformers import TrainingArguments
-
+def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArguments:
     return TrainingArguments(**effective_training(config, quiet=quiet))
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class GluetuneTrainer(Trainer):
+    """The Hugging Face Trainer with two changes: our length-grouped sampler, and a loss check."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length" or self.args.world_size > 1:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # Lengths come from the tokenized set (the Trainer drops the column before sampling).
+        return LengthGroupedSampler(self.train_dataset["length"], self._train_batch_size, seed=seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(self._divergence_message(loss.item()))
+        return loss
+
+    def _divergence_message(self, loss: float) -> str:
+        last = rundir.latest_checkpoint(Path(self.args.output_dir))
+        kept = f"the last good checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
+        remedies = ["a lower training.learning_rate"]
+        if not self.args.warmup_steps:
+            remedies.append("warmup (training.warmup_ratio=0.1)")
+        if self.args.bf16 or self.args.fp16:
+            remedies.append("fp32 (training.bf16=false)")
+        if not self.args.max_grad_norm:
+            remedies.append("gradient clipping (training.max_grad_norm=1.0)")
+        return (
+            f"training diverged: the loss is {loss} at step {self.state.global_step + 1} "
+            f"(epoch {self.state.epoch or 0:.2f}); {kept}. Usual remedies: {', '.join(remedies)}"
+        )
 
 
 # ---------------------------------------------------------------- the run
 
 
-def tensorboard_callback(log_dir: str):
-    from transformers.integrations import TensorBoardCallback
-
-    callback = TensorBoardCallback()
-    callback.logging_dir = log_dir  # the callback reopens its writer here after training, too
-    return callback
-
-
 @dataclass
 class TrainOutcome:
     metrics: dict[str, Any]  # what metrics.json holds
-    model: Any  # the trained model as it was saved (the best checkpoint's weights)
-    tokenizer: Any
+    model: Any = None  # the trained model as saved (the best checkpoint's weights); None if not trained now
+    tokenizer: Any = None
 
 
 def train(config: RunConfig) -> TrainOutcome:
     """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics."""
-    import torch
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
+    output_dir = config.output_dir
+    resume = config.training.get("resume_from_checkpoint")
+    with rundir.OutputDirLock(output_dir):
+        if resume and rundir.is_finished(output_dir):
+            logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
+            return TrainOutcome(metrics=rundir.read_metrics(output_dir))
+        checkpoint = rundir.prepare(output_dir, resume, bool(config.training.get("overwrite_output_dir")))
+        return _train_in(config, checkpoint)
 
-    from . import data, models
-    from .metrics import trainer_metrics_fn
 
+def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
     started = time.time()
     task, output_dir = config.task, config.output_dir
     args = training_arguments(config)
@@ -152,8 +177,9 @@ def train(config: RunConfig) -> TrainOutcome:
     evals = {s: encoded[s].sort("length") for s in task.validation_splits}
     eval_dataset = evals[task.validation_splits[0]] if len(evals) == 1 else evals
 
+    stop = GracefulStop()
     pad_multiple = config.dataset.pad_to_multiple_of or (8 if cuda_available() else None)
-    trainer = Trainer(
+    trainer = GluetuneTrainer(
         model=model,
         args=args,
         train_dataset=encoded["train"],
@@ -161,11 +187,23 @@ def train(config: RunConfig) -> TrainOutcome:
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple),
         processing_class=tokenizer,
         compute_metrics=trainer_metrics_fn(task),
-        callbacks=[tensorboard_callback(config.training["logging_dir"])],
+        callbacks=[tensorboard_callback(config.training["logging_dir"]), stop, SingleClassWarning()],
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir)
-    result = trainer.train()
+    rundir.write_record(output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        last = rundir.latest_checkpoint(output_dir)
+        raise RunInterrupted(
+            f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint {last} saved. "
+            "Continue with: gluetune train --config ... --resume", stop.received
+        )
 
     validation = {}
     for split, ds in evals.items():
@@ -181,6 +219,7 @@ def train(config: RunConfig) -> TrainOutcome:
     metrics = {
         "task": task.name,
         "primary_metric": task.primary_metric,
+        "primary_split": task.validation_splits[0],
         **validation,
         "best_checkpoint": Path(best).name if best else None,
         "best_metric": trainer.state.best_metric,
@@ -190,17 +229,20 @@ def train(config: RunConfig) -> TrainOutcome:
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "loss": result.metrics.get("train_loss"),
+            "resumed_from": checkpoint.name if checkpoint else None,
         },
         "wall_s": round(time.time() - started, 2),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "device": _device_name(),
+        "device": device_name(),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }
-    atomic_write_json(output_dir / METRICS_FILENAME, metrics)
+    atomic_write_json(output_dir / rundir.METRICS_FILENAME, metrics)
     primary = validation[task.validation_splits[0]]
     logger.info(
         "validation %s = %.4f (accuracy %.4f); saved to %s",
         task.primary_metric, primary[task.primary_metric], primary.get("accuracy", float("nan")), output_dir,
     )
+    if primary.get("predicted_classes") == 1:
+        logger.warning("DEGENERATE RUN: the final model predicts one class for every validation example")
     return TrainOutcome(metrics=metrics, model=trainer.model, tokenizer=tokenizer)

@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""CPU benchmark: gluetune against the plain Trainer + PEFT recipes it replaces, on real CoLA.
+
+Three contenders, each in its own process (so peak RSS is its own), all with the model and
+hyperparameters of configs/glue_cola_minilm_cpu.yaml:
+
+  (a) run_glue.py's default: Trainer + peft, every example padded to 128 tokens. Throughput only,
+      over a fixed 40 optimizer steps.
+  (b) the competent plain baseline: Trainer + peft with dynamic padding (DataCollatorWithPadding,
+      the default random sampler), full training with per-epoch evaluation and best-checkpoint
+      selection, exactly as gluetune does it.
+  (c) gluetune, full training from the config.
+
+(a) and (b) are plain library code below, not gluetune. Usage:
+
+    python bench/cpu_cola.py [--quick] [--glue_dir ../shared/data/glue]
+
+The last line is `RESULT speedup_vs_runglue=.. speedup_vs_dynamic=.. mcc_gluetune=.. mcc_baseline=.. peak_rss_gb=..`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "glue_cola_minilm_cpu.yaml"
+RUNGLUE_STEPS = 40
+RUNGLUE_MAX_SEQ_LENGTH = 128  # run_glue.py's default --max_seq_length, with pad_to_max_length
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_cola(path: Path):
+    """CoLA's header-less TSV (source, label, mark, sentence), read with quoting off."""
+    import datasets
+
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return datasets.Dataset.from_dict({"sentence": [r[3] for r in rows], "label": [int(r[1]) for r in rows]})
+
+
+def cpu_default(epochs: float | None):
+    """The CPU default's settings, read through gluetune's own config loader."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from gluetune.config import load_config
+    from gluetune.models import resolve_model_path
+
+    config = load_config(CONFIG)
+    if epochs is not None:
+        config.training["num_train_epochs"] = epochs
+    return config, resolve_model_path(config.model.name_or_path)
+
+
+# ---------------------------------------------------------------- contenders (a) and (b)
+
+
+def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, out: Path) -> dict:
+    """A plain Hugging Face Trainer + peft run, as a user writes it without gluetune."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from sklearn.metrics import matthews_corrcoef
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, set_seed)
+
+    config, model_path = cpu_default(epochs)
+    t, p = config.training, config.peft
+    set_seed(t["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    padding = "max_length" if pad_to_128 else False
+    max_length = RUNGLUE_MAX_SEQ_LENGTH if pad_to_128 else config.dataset.max_length
+
+    def encode(batch):
+        return tokenizer(batch["sentence"], truncation=True, max_length=max_length, padding=padding)
+
+    train = read_cola(glue_dir / "CoLA" / "train.tsv").map(encode, batched=True)
+    dev = read_cola(glue_dir / "CoLA" / "dev.tsv").map(encode, batched=True)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+        target_modules=p.target_modules, modules_to_save=p.modules_to_save,
+    ))
+
+    def mcc(eval_prediction):
+        return {"matthews_correlation": matthews_corrcoef(eval_prediction.label_ids, eval_prediction.predictions.argmax(-1))}
+
+    common = dict(
+        output_dir=str(out), per_device_train_batch_size=t["per_device_train_batch_size"],
+        gradient_accumulation_steps=t.get("gradient_accumulation_steps", 1), learning_rate=t["learning_rate"],
+        weight_decay=t.get("weight_decay", 0.0), warmup_steps=t.get("warmup_steps", 0), seed=t["seed"],
+        lr_scheduler_type=t.get("lr_scheduler_type", "linear"), report_to="none", dataloader_pin_memory=False,
+        logging_steps=50,
+    )
+    if pad_to_128:
+        args = TrainingArguments(**common, max_steps=RUNGLUE_STEPS, eval_strategy="no", save_strategy="no")
+    else:
+        args = TrainingArguments(
+            **common, num_train_epochs=t["num_train_epochs"], eval_strategy="epoch", save_strategy="epoch",
+            load_best_model_at_end=True, metric_for_best_model="matthews_correlation", save_total_limit=2,
+        )
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=mcc)
+    started = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - started
+    samples = result.metrics["train_samples_per_second"] * result.metrics["train_runtime"]
+    mean_real_tokens = sum(sum(m) for m in train["attention_mask"]) / len(train)
+    report = {"train_wall_s": wall, "train_samples": samples, "real_tokens": samples * mean_real_tokens,
+              "threads": torch.get_num_threads()}
+    if not pad_to_128:
+        report["mcc"] = trainer.evaluate()["eval_matthews_correlation"]
+    return report
+
+
+# ---------------------------------------------------------------- contender (c)
+
+
+def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
+    from gluetune.config import load_config
+    from gluetune.training import train
+
+    overrides = [f"dataset.data_dir={glue_dir}", f"training.output_dir={out}"]
+    if epochs is not None:
+        overrides.append(f"training.num_train_epochs={epochs}")
+    config = load_config(CONFIG, overrides)
+    from gluetune.data import read_glue_split
+    from gluetune.models import load_tokenizer
+    from gluetune.tasks import get_task
+
+    started = time.perf_counter()
+    metrics = train(config).metrics
+    total = time.perf_counter() - started
+    wall = metrics["train"]["runtime_s"]
+    epochs_run = metrics["train"]["epochs"]
+    sentences = read_glue_split(glue_dir, get_task("cola"), "train")["sentence"]
+    tokenizer = load_tokenizer(config.model)
+    real_tokens = sum(len(ids) for ids in tokenizer(sentences, truncation=True, max_length=config.dataset.max_length)["input_ids"])
+    return {"train_wall_s": wall, "train_samples": len(sentences) * epochs_run, "real_tokens": real_tokens * epochs_run,
+            "mcc": metrics["validation"]["matthews_correlation"], "total_wall_s": total}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_contender(name: str, glue_dir: Path, epochs: float | None) -> dict:
+    """Run one contender in a fresh process; returns its report with peak RSS."""
+    cmd = [sys.executable, __file__, "--contender", name, "--glue_dir", str(glue_dir)]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(f"contender {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one epoch for (b) and (c) instead of the config's")
+    parser.add_argument("--glue_dir", default=str(ROOT / ".." / "shared" / "data" / "glue"))
+    parser.add_argument("--contender", choices=["runglue", "dynamic", "gluetune"], help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    glue_dir = Path(args.glue_dir).resolve()
+
+    if args.contender:  # child process: run one contender, print its report as JSON
+        import transformers
+        import warnings
+
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.contender == "gluetune":
+                report = gluetune_run(glue_dir, args.epochs, Path(tmp) / "run")
+            else:
+                report = plain_trainer_run(glue_dir, args.epochs, args.contender == "runglue", Path(tmp) / "run")
+        report["peak_rss_gb"] = peak_rss_gb()
+        print(json.dumps(report))
+        return
+
+    import torch
+
+    epochs = 1.0 if args.quick else None
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"python {platform.python_version()}")
+    print(f"config: {CONFIG.relative_to(ROOT)}{' (--quick: 1 epoch)' if args.quick else ''}; data: {glue_dir / 'CoLA'}")
+    reports = {}
+    for name, label in (("runglue", "(a) run_glue default, pad to 128"), ("dynamic", "(b) Trainer+PEFT, dynamic padding"),
+                        ("gluetune", "(c) gluetune")):
+        r = run_contender(name, glue_dir, epochs)
+        r["samples_per_s"] = r["train_samples"] / r["train_wall_s"]
+        r["real_tokens_per_s"] = r["real_tokens"] / r["train_wall_s"]
+        reports[name] = r
+        mcc = f" mcc={r['mcc']:.4f}" if "mcc" in r else ""
+        print(f"{label:38s} train_wall_s={r['train_wall_s']:.1f} samples/s={r['samples_per_s']:.1f} "
+              f"real_tokens/s={r['real_tokens_per_s']:.0f} peak_rss_gb={r['peak_rss_gb']:.2f}{mcc}", flush=True)
+    a, b, c = reports["runglue"], reports["dynamic"], reports["gluetune"]
+    print(f"RESULT speedup_vs_runglue={c['samples_per_s'] / a['samples_per_s']:.2f} "
+          f"speedup_vs_dynamic={c['samples_per_s'] / b['samples_per_s']:.2f} mcc_gluetune={c['mcc']:.4f} "
+          f"mcc_baseline={b['mcc']:.4f} peak_rss_gb={c['peak_rss_gb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

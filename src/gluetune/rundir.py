@@ -1,0 +1,191 @@
+"""The output folder of a run: one writer at a time, nothing clobbered, checkpoints to resume from.
+
+A checkpoint counts as complete once its `trainer_state.json` parses: the Trainer writes that
+file after the weights, optimizer, scheduler and RNG states, so a kill while saving leaves a
+folder without it, which is ignored (and cleared on resume) while the previous one stays usable.
+A run counts as finished once `metrics.json` exists; it is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+from .config import CONFIG_FILENAME
+from .errors import UserError
+
+logger = logging.getLogger("gluetune")
+
+LOCK_FILENAME = ".gluetune.lock"
+METRICS_FILENAME = "metrics.json"  # written last: its presence means the run finished
+RECORD_FILENAME = "run_record.json"  # how to reproduce the run: command, seed, versions, data hashes
+RECORDED_PACKAGES = ("gluetune", "torch", "transformers", "peft", "datasets", "accelerate", "tokenizers", "numpy",
+                     "scikit-learn")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class OutputDirLock:
+    """An exclusive lock on an output folder for the life of this process.
+
+    `flock` is released by the kernel when its holder dies, even by SIGKILL, so a stale lock file
+    left by a dead run never blocks the next one.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_FILENAME
+        self._file = None
+
+    def acquire(self) -> OutputDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"output folder {self.path.parent} is in use by another run ({holder}); "
+                "wait for it, or choose another training.output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders, oldest step first (complete or not)."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    complete = [p for p in checkpoints(folder) if is_complete_checkpoint(p)]
+    return complete[-1] if complete else None
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / METRICS_FILENAME).is_file()
+
+
+def primary_values(metrics: dict) -> dict:
+    """The validation metrics that select the best checkpoint (MNLI: the matched split)."""
+    return metrics[metrics["primary_split"]]
+
+
+def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None) -> None:
+    """What it takes to run this again: the exact command, seed, package versions, data hashes
+    (the resolved config sits beside it). A resumed run appends its command."""
+    import platform
+    import sys
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .io import atomic_write_json, sha256_of
+
+    path = Path(folder) / RECORD_FILENAME
+    previous = json.loads(path.read_text()) if resumed_from is not None and path.is_file() else {}
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    atomic_write_json(path, {
+        "command": previous.get("command", command),
+        "resumed_with": previous.get("resumed_with", []) + ([command] if previous else []),
+        "cwd": os.getcwd(),
+        "seed": seed,
+        "config": CONFIG_FILENAME,
+        "python": platform.python_version(),
+        "packages": versions,
+        "data_files": {str(p): sha256_of(p) for p in data_files if Path(p).is_file()},
+        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+    })
+
+
+def read_metrics(folder: Path) -> dict:
+    path = Path(folder) / METRICS_FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the run's metrics ({err})") from None
+
+
+def _contents(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != LOCK_FILENAME) if Path(folder).is_dir() else []
+
+
+def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Make `folder` ready for this run (its lock must be held) and return the checkpoint to resume.
+
+    resume: None (a fresh run), "auto" (the latest complete checkpoint if there is one), or a
+    checkpoint path. A fresh run refuses a folder with anything in it unless `overwrite`.
+    """
+    folder = Path(folder)
+    contents = _contents(folder)
+    if overwrite:
+        if contents and not (folder / CONFIG_FILENAME).is_file():
+            raise UserError(
+                f"--overwrite: {folder} does not look like a gluetune output folder (no {CONFIG_FILENAME}); "
+                "refusing to delete its contents"
+            )
+        for name in contents:
+            target = folder / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        return None
+    if resume is None:
+        if contents:
+            shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+            raise UserError(
+                f"output folder {folder} is not empty ({shown}); pass --resume to continue its run, "
+                "--overwrite to start it over, or choose another training.output_dir"
+            )
+        return None
+    for partial in (p for p in checkpoints(folder) if not is_complete_checkpoint(p)):
+        logger.warning("removing %s: it was being written when the run stopped", partial)
+        shutil.rmtree(partial)
+    if resume == "auto":
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None and contents:
+            logger.warning("no complete checkpoint in %s: starting from the beginning", folder)
+        return checkpoint
+    checkpoint = Path(resume)
+    if not is_complete_checkpoint(checkpoint):
+        raise UserError(f"training.resume_from_checkpoint: {resume} is not a complete checkpoint folder")
+    return checkpoint

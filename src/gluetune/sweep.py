@@ -1,0 +1,295 @@
+"""Sweeps: one config over several seeds and a small grid of `--set` values, summarised honestly.
+
+Each run is a normal `gluetune train` in its own process and folder
+(`<sweep_dir>/<setting>/seed-<n>`), started with `--resume`: a finished run is skipped and a
+killed one continues, so re-running a sweep command finishes what is missing. The summary
+gives, per setting, the median (what papers report), mean, std, min and max over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import rundir
+import yaml
+
+from .config import load_config, parse_yaml
+from .errors import UserError
+from .io import atomic_write_text
+
+logger = logging.getLogger("gluetune")
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+RECORD_FILENAME = rundir.RECORD_FILENAME
+
+
+@dataclass
+class Setting:
+    overrides: list[str]  # the grid's `section.key=value` items for this setting
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        self.name = setting_name(self.overrides)
+
+
+def setting_name(overrides: list[str]) -> str:
+    """A folder name for a setting: `learning_rate=0.001,lora_r=16`; `default` without a grid."""
+    if not overrides:
+        return "default"
+    parts = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return re.sub(r"[^A-Za-z0-9=.,_+-]", "_", ",".join(parts))
+
+
+def parse_grid(items: list[str]) -> list[Setting]:
+    """`--grid training.learning_rate=1e-3,2e-3 --grid peft.lora_r=8,16` -> the cartesian product.
+
+    Values that hold commas themselves are given as a YAML list: `peft.target_modules=[[query], [query, value]]`.
+    """
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--grid {item!r}: expected section.key=value1,value2,...")
+        key, values = item.split("=", 1)
+        if values.strip().startswith("["):
+            parsed = parse_yaml(values, f"--grid {key}")
+            if not isinstance(parsed, list):
+                raise UserError(f"--grid {item!r}: expected a YAML list of values")
+            choices = [yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip() for v in parsed]
+        else:
+            choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not choices:
+            raise UserError(f"--grid {item!r}: no values")
+        axes.append([f"{key.strip()}={v}" for v in choices])
+    return [Setting(list(combo)) for combo in itertools.product(*axes)] if axes else [Setting([])]
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected integers separated by commas, e.g. 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: expected distinct integers, e.g. 1,2,3")
+    return seeds
+
+
+@dataclass
+class Run:
+    setting: Setting
+    seed: int
+    folder: Path
+
+    def overrides(self, base: list[str]) -> list[str]:
+        return [*base, *self.setting.overrides, f"training.seed={self.seed}", f"training.output_dir={self.folder}"]
+
+
+def plan(sweep_dir: Path, settings: list[Setting], seeds: list[int]) -> list[Run]:
+    return [Run(s, seed, sweep_dir / s.name / f"seed-{seed}") for s in settings for seed in seeds]
+
+
+def _run_env(jobs: int) -> dict:
+    env = dict(os.environ)
+    if jobs > 1:  # share the cores instead of oversubscribing them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
+def _command(config_path: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "gluetune", "train", "--config", config_path, "--resume",
+            *[arg for o in overrides for arg in ("--set", o)]]
+
+
+def run_sweep(config_path: str, base_overrides: list[str], settings: list[Setting], seeds: list[int],
+              sweep_dir: Path, jobs: int = 1) -> list[dict]:
+    """Run every (setting, seed) not finished yet, then write and return the summary rows."""
+    runs = plan(sweep_dir, settings, seeds)
+    for run in runs:  # validate every combination before the first run starts
+        load_config(config_path, run.overrides(base_overrides))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    pending: list[tuple[int, Run, subprocess.Popen, float]] = []
+    failures = []
+
+    def report(index: int, run: Run, started: float, code: int) -> None:
+        label = f"[{index}/{len(runs)}] {run.setting.name} seed {run.seed}"
+        if code != 0:
+            failures.append(run)
+            tail = (run.folder / "train.log").read_text()[-400:] if (run.folder / "train.log").exists() else ""
+            logger.warning("%s: failed (exit %d) %s", label, code, tail.strip().splitlines()[-1] if tail.strip() else "")
+            return
+        logger.info("%s: %s (%.0f s)", label, describe_run(run.folder), time.time() - started)
+
+    for index, run in enumerate(runs, start=1):
+        if rundir.is_finished(run.folder):
+            logger.info("[%d/%d] %s seed %d: done before, %s", index, len(runs), run.setting.name, run.seed,
+                        describe_run(run.folder))
+            continue
+        while len(pending) >= jobs:
+            pending = _reap(pending, report, block=True)
+        run.folder.mkdir(parents=True, exist_ok=True)
+        log = open(run.folder / "train.log", "a")
+        process = subprocess.Popen(_command(config_path, run.overrides(base_overrides)), stdout=log,
+                                   stderr=subprocess.STDOUT, env=_run_env(jobs))
+        log.close()
+        pending.append((index, run, process, time.time()))
+    while pending:
+        pending = _reap(pending, report, block=True)
+
+    rows = summarize(sweep_dir, settings, seeds)
+    write_summary(sweep_dir, rows)
+    if failures:
+        raise UserError(
+            f"{len(failures)} of {len(runs)} runs failed (see their train.log, e.g. {failures[0].folder / 'train.log'}); "
+            "the summary covers the finished ones; run the same command again to retry"
+        )
+    return rows
+
+
+def _reap(pending, report, block: bool):
+    while True:
+        still = []
+        for index, run, process, started in pending:
+            code = process.poll()
+            if code is None:
+                still.append((index, run, process, started))
+            else:
+                report(index, run, started, code)
+        if len(still) < len(pending) or not block:
+            return still
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def describe_run(folder: Path) -> str:
+    metrics = rundir.read_metrics(folder)
+    primary = metrics["primary_metric"]
+    values = rundir.primary_values(metrics)
+    text = f"{primary} {values[primary]:.4f}"
+    if "accuracy" in values:
+        text += f", accuracy {values['accuracy']:.4f}"
+    if values.get("predicted_classes") == 1:
+        text += " (DEGENERATE: one class predicted for every validation example)"
+    return text
+
+
+def _best_epoch(folder: Path, metrics: dict) -> float | None:
+    name = metrics.get("best_checkpoint")
+    state = folder / name / "trainer_state.json" if name else None
+    if state and state.is_file():
+        return json.loads(state.read_text()).get("epoch")
+    return None
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def summarize(sweep_dir: Path, settings: list[Setting], seeds: list[int]) -> list[dict]:
+    """One row per setting over its finished seeds; the best median of the primary metric is marked."""
+    rows = []
+    for setting in settings:
+        finished = []
+        for seed in seeds:
+            folder = sweep_dir / setting.name / f"seed-{seed}"
+            if rundir.is_finished(folder):
+                finished.append((seed, folder, rundir.read_metrics(folder)))
+        if not finished:
+            continue
+        primary = finished[0][2]["primary_metric"]
+        values = [rundir.primary_values(m) for _, _, m in finished]
+        scores = [v[primary] for v in values]
+        accuracies = [v.get("accuracy", float("nan")) for v in values]
+        epochs = [e for e in (_best_epoch(f, m) for _, f, m in finished) if e is not None]
+        row = {"setting": setting.name, "metric": primary, "seeds": len(finished)}
+        row.update({f"{primary}_{k}": v for k, v in _stats(scores).items()})
+        row.update({f"accuracy_{k}": v for k, v in _stats(accuracies).items()})
+        row["best_epoch_median"] = statistics.median(epochs) if epochs else None
+        row["degenerate_runs"] = sum(1 for v in values if v.get("predicted_classes") == 1)
+        row["per_seed"] = ";".join(f"{seed}:{score:.4f}" for (seed, _, _), score in zip(finished, scores))
+        rows.append(row)
+    if rows:
+        key = f"{rows[0]['metric']}_median"
+        best = max(rows, key=lambda r: r[key])
+        for row in rows:
+            row["best"] = row is best
+    return rows
+
+
+def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / SUMMARY_CSV, buffer.getvalue())
+    atomic_write_text(sweep_dir / SUMMARY_MD, markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    metric = rows[0]["metric"]
+    header = (f"| setting | seeds | {metric} median | mean ± std | min | max | accuracy median | "
+              "best epoch (median) | degenerate runs |")
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        mark = " **(best)**" if r["best"] else ""
+        epoch = "" if r["best_epoch_median"] is None else f"{r['best_epoch_median']:g}"
+        lines.append(
+            f"| `{r['setting']}`{mark} | {r['seeds']} | {r[f'{metric}_median']:.4f} | "
+            f"{r[f'{metric}_mean']:.4f} ± {r[f'{metric}_std']:.4f} | {r[f'{metric}_min']:.4f} | "
+            f"{r[f'{metric}_max']:.4f} | {r['accuracy_median']:.4f} | {epoch} | {r['degenerate_runs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- re-running a row from its records
+
+
+def rerun_setting(sweep_dir: Path, setting: str, target_dir: Path) -> list[tuple[int, float, float]]:
+    """Train a summary row's runs again from their records; (seed, recorded, reproduced) per run."""
+    folder = sweep_dir / setting
+    seed_dirs = sorted(p for p in folder.glob("seed-*") if (p / RECORD_FILENAME).is_file())
+    if not seed_dirs:
+        known = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
+        raise UserError(f"no recorded runs for setting '{setting}' in {sweep_dir} (settings: {', '.join(known) or 'none'})")
+    results = []
+    for seed_dir in seed_dirs:
+        record = json.loads((seed_dir / RECORD_FILENAME).read_text())
+        config_file = seed_dir / "resolved_config.yaml"
+        out = target_dir / setting / seed_dir.name
+        cmd = [sys.executable, "-m", "gluetune", "train", "--config", str(config_file), "--resume",
+               "--set", f"training.output_dir={out}", "--set", f"training.logging_dir={out / 'logs'}"]
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise UserError(f"re-running {seed_dir} failed (exit {code})")
+        recorded, reproduced = (rundir.read_metrics(d) for d in (seed_dir, out))
+        new_record = json.loads((out / RECORD_FILENAME).read_text())
+        if new_record["data_files"] != record["data_files"]:
+            logger.warning("%s: the data files differ from the recorded ones (sha256)", out)
+        primary = recorded["primary_metric"]
+        results.append((record["seed"], rundir.primary_values(recorded)[primary],
+                        rundir.primary_values(reproduced)[primary]))
+    return results

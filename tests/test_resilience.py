@@ -1,0 +1,214 @@
+"""Resilience: kills and resumes, no clobbering, one writer per folder, divergence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GLUE_DIR, REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, build_tiny_qwen, run_cli, tiny_overrides
+from gluetune.rundir import LOCK_FILENAME, OutputDirLock, latest_checkpoint
+
+# 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs.
+SIZE = dict(train=256, evals=64, epochs=4)
+
+
+def train_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(tiny_overrides(model, out, **SIZE)), *extra]
+
+
+def start_training(model: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *train_args(model, out, *extra)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"training ended before {path} appeared: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def validation(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())["validation"]
+
+
+def assert_same_metrics(resumed: dict, reference: dict) -> None:
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_qwen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resilience") / "uninterrupted"
+    result = run_cli(*train_args(tiny_qwen, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return validation(out)
+
+
+def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    process = start_training(tiny_qwen, out)
+    wait_for(out / "checkpoint-8" / "trainer_state.json", process)
+    time.sleep(0.3)  # well into epoch 2
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+    resumed = run_cli(*train_args(tiny_qwen, out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"].startswith("checkpoint-")
+    assert_same_metrics(validation(out), uninterrupted)
+
+
+def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_path, uninterrupted):
+    out = tmp_path / "terminated"
+    process = start_training(tiny_qwen, out)
+    wait_for(out / "checkpoint-8" / "trainer_state.json", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "stopped by signal 15" in stderr
+    last = latest_checkpoint(out)
+    assert last is not None and last.name != "checkpoint-32" and not (out / "metrics.json").exists()
+    resumed = run_cli(*train_args(tiny_qwen, out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_metrics(validation(out), uninterrupted)
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, uninterrupted):
+    out = tmp_path / "torn"
+    process = start_training(tiny_qwen, out)
+    wait_for(out / "checkpoint-16" / "trainer_state.json", process)
+    process.kill()
+    process.wait()
+    # What a kill during the save of checkpoint-16 leaves: weights written, trainer state not yet.
+    (out / "checkpoint-16" / "trainer_state.json").unlink()
+    resumed = run_cli(*train_args(tiny_qwen, out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-8" in resumed.stderr and "was being written" in resumed.stderr
+    assert_same_metrics(validation(out), uninterrupted)
+
+
+def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path):
+    out = tmp_path / "done"
+    overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
+    assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides).returncode == 0
+    before = (out / "metrics.json").read_text()
+    again = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert (out / "metrics.json").read_text() == before
+
+
+def test_non_empty_output_folder_is_never_clobbered(tiny_qwen, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+    assert_one_line_error(result, str(out), "not empty", "--resume", "--overwrite")
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
+    assert_one_line_error(result, "does not look like a gluetune output folder")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path):
+    out = tmp_path / "again"
+    overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
+    assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides).returncode == 0
+    (out / "stale-marker").write_text("x")
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (out / "stale-marker").exists() and (out / "metrics.json").is_file()
+
+
+def test_second_writer_is_refused_and_a_dead_lock_does_not_block(tiny_qwen, tmp_path):
+    out = tmp_path / "locked"
+    overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
+    with OutputDirLock(out):
+        result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+    assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
+    # The lock file of a process that died (here: released and left behind) does not block.
+    assert (out / LOCK_FILENAME).exists()
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
+    out = tmp_path / "holder"
+    code = f"from gluetune.rundir import OutputDirLock; lock = OutputDirLock({str(out)!r}).acquire(); import time; time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code])
+    while not (out / LOCK_FILENAME).exists() or not (out / LOCK_FILENAME).read_text():
+        time.sleep(0.05)
+    with pytest.raises(Exception, match="in use by another run"):
+        OutputDirLock(out).acquire()
+    holder.kill()
+    holder.wait()
+    OutputDirLock(out).acquire().release()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_qwen, tmp_path):
+    out = tmp_path / "nan"
+    overrides = tiny_overrides(tiny_qwen, out, train=128, evals=16) + [
+        "training.learning_rate=1e30", "training.max_grad_norm=0",
+        "training.save_strategy=steps", "training.save_steps=1", "training.eval_strategy=steps", "training.eval_steps=1",
+    ]
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    line = [x for x in result.stderr.splitlines() if x.startswith("gluetune: error:")][0]
+    assert "training diverged" in line and "at step 2" in line and "checkpoint-1, is intact" in line
+    assert "learning_rate" in line and "warmup" in line
+    assert latest_checkpoint(out).name == "checkpoint-1" and not (out / "checkpoint-2").exists()
+
+
+# ---------------------------------------------------------------- bad input at the CLI
+
+
+def test_bad_data_through_the_cli(tiny_qwen, tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\nfine\t1\nbad\t5\n")
+    (tmp_path / "dev.tsv").write_text("text\tlabel\nok\t0\n")
+    overrides = [f"model.name_or_path={tiny_qwen}", "dataset.subset=null", "dataset.text_column=[text]",
+                 "dataset.label_names=[neg, pos]", f"dataset.train_file={tmp_path / 'train.tsv'}",
+                 f"dataset.validation_file={tmp_path / 'dev.tsv'}", "training.metric_for_best_model=null",
+                 f"training.output_dir={tmp_path / 'out'}"]
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    assert_one_line_error(result, "train.tsv:3", "label '5'", "0=neg, 1=pos")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_missing_model_folder_through_the_cli(tmp_path):
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), "--set", f"model.name_or_path={tmp_path / 'nope'}",
+                     "--set", f"dataset.data_dir={GLUE_DIR}", "--set", f"training.output_dir={tmp_path / 'out'}")
+    assert_one_line_error(result, "model folder not found", "nope")
+
+
+def test_empty_input_text_and_overlong_input(tiny_qwen, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*["train.py", "--config", str(REFERENCE_CONFIG),
+                     *as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))]).returncode == 0
+    empty = run_cli("inference.py", "--model_path", str(out), "--input_text", "")
+    assert_one_line_error(empty, "empty")
+    long_text = " ".join(["word"] * 2000)
+    result = run_cli("inference.py", "--model_path", str(out), "--input_text", long_text)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "truncated" in result.stderr and result.stdout.startswith("label=")
+
+
+def test_adapter_that_does_not_fit_the_base_model(tiny_qwen, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*["train.py", "--config", str(REFERENCE_CONFIG),
+                     *as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))]).returncode == 0
+    wider = build_tiny_qwen(tmp_path / "wider", hidden_size=64)
+    saved = out / "resolved_config.yaml"
+    saved.write_text(saved.read_text().replace(str(tiny_qwen), str(wider)))
+    result = run_cli("inference.py", "--model_path", str(out), "--input_text", "A sentence.")
+    assert_one_line_error(result, str(out), "does not fit the base model")
