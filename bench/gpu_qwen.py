@@ -36,10 +36,11 @@ def build_random_model(model_config: Path, tokenizer: Path, folder: Path, smoke:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_config)
+    values = json.loads((model_config / "config.json").read_text())
     if smoke:
-        config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2))
+        values.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    config = AutoConfig.for_model(**values)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
@@ -116,7 +117,10 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
         train = train.select(range(256))
     train = train.map(encode, batched=True)
     dev = read_glue_split(glue_dir, cola, "validation").map(encode, batched=True)
-    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    # fp32 master weights under bf16 autocast: the standard mixed-precision recipe (transformers v4's
+    # default load, as run_glue.py + PEFT tutorials use it).
+    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                                                              dtype=torch.float32)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     peft_model = get_peft_model(base, lora)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,13 @@ def pytest_sessionstart(session):
     os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the hub
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.pop("GLUE_DIR", None)
+    # Tokenized splits are cached by content; keep this session's cache out of the user's home.
+    os.environ["GLUETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluetune-test-cache-")
 
 
 def build_tiny_qwen(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
-    """A 2-layer, 32-wide random Qwen2 with the real Qwen2.5 tokenizer, saved as a hub-style folder."""
+    """A 2-layer, 32-wide random Qwen2 with the real Qwen2.5 tokenizer, saved as a hub-style folder
+    (bf16 weights, like the hub's Qwen2.5 checkpoints)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -38,7 +42,8 @@ def build_tiny_qwen(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
     )
     torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
+    # Saved in bf16, as the hub's Qwen2.5 checkpoints are: the CPU path must load them as fp32.
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER)).save_pretrained(folder)
     return folder
 

@@ -144,3 +144,18 @@ def test_dynamic_padding_pads_to_the_longest_in_batch(qwen_tokenizer, cola):
     out = tokenize(cola["validation"].select(range(16)), qwen_tokenizer, COLA, 256, "validation")
     batch = DataCollatorWithPadding(qwen_tokenizer)([{k: out[i][k] for k in ("input_ids", "attention_mask")} for i in range(16)])
     assert batch["input_ids"].shape[1] == max(out["length"]) < 128
+
+
+def test_tokenized_splits_are_cached_by_content(qwen_tokenizer, cola, caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLUETUNE_CACHE_DIR", str(tmp_path))
+    ds = cola["validation"].select(range(40))
+    first = tokenize(ds, qwen_tokenizer, COLA, max_length=6, split="validation")
+    entries = list((tmp_path / "tokenized").iterdir())
+    assert len(entries) == 1 and caplog.text.count("truncated") == 1
+    again = tokenize(ds, qwen_tokenizer, COLA, max_length=6, split="validation")
+    assert list((tmp_path / "tokenized").iterdir()) == entries  # a hit, not a second entry
+    assert again["input_ids"] == first["input_ids"] and again["length"] == first["length"]
+    assert caplog.text.count("truncated") == 2  # the notice survives the cache
+    tokenize(ds, qwen_tokenizer, COLA, max_length=7, split="validation")
+    tokenize(cola["validation"].select(range(41)), qwen_tokenizer, COLA, max_length=6, split="validation")
+    assert len(list((tmp_path / "tokenized").iterdir())) == 3  # other length, other data: other entries

@@ -91,3 +91,24 @@ def test_lora_head_is_trained_and_checkpointing_reaches_lora(tiny_qwen):
     model(**batch, labels=torch.tensor([0, 1])).loss.backward()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all(p.grad is not None for p in lora_b)
+
+
+def test_per_role_learning_rates(tiny_qwen):
+    from transformers import TrainingArguments
+
+    from gluetune import methods
+
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "peft.loraplus_lr_ratio=16",
+                                            "peft.modules_to_save_lr=1e-4"])
+    tokenizer = models.load_tokenizer(config.model)
+    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    args = TrainingArguments(output_dir="unused", learning_rate=1e-3, report_to="none")
+    optimizer = methods.optimizer(model, config.peft, args)
+    by_id = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    lrs = {name: by_id[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+    assert all(lr == pytest.approx(16e-3) for name, lr in lrs.items() if "lora_B" in name)
+    assert all(lr == pytest.approx(1e-3) for name, lr in lrs.items() if "lora_A" in name)
+    assert all(lr == pytest.approx(1e-4) for name, lr in lrs.items() if "score" in name)
+    assert any("lora_B" in name for name in lrs) and any("score" in name for name in lrs)
+    plain = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}"])
+    assert methods.optimizer(model, plain.peft, args) is None

@@ -40,6 +40,7 @@ def test_grid_and_setting_names():
                                           "learning_rate=2e-3,lora_r=8", "learning_rate=2e-3,lora_r=16"]
     targets = parse_grid(["peft.target_modules=[[query], [query, value]]"])
     assert [s.overrides for s in targets] == [["peft.target_modules=[query]"], ["peft.target_modules=[query, value]"]]
+    assert [s.name for s in targets] == ["target_modules=query", "target_modules=query+value"]
     assert setting_name([]) == "default"
 
 
@@ -107,3 +108,32 @@ def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
     assert "predicts a single class for every example" in log
     row = next(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
     assert row["degenerate_runs"] == "1" and float(row["matthews_correlation_median"]) == 0.0
+
+
+def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    sweep_dir = tmp_path / "sweep"
+    base = [o for o in tiny_overrides(tiny_qwen, tmp_path / "unused", train=512, evals=32, epochs=3) if "output_dir" not in o]
+    args = ["-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *as_set_args(base), "--seeds", "1",
+            "--sweep_dir", str(sweep_dir)]
+    sweep = subprocess.Popen([sys.executable, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    first_checkpoint = sweep_dir / "default" / "seed-1" / "checkpoint-16" / "trainer_state.json"
+    while not first_checkpoint.exists():
+        assert sweep.poll() is None, sweep.stderr.read()
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "stopped with a checkpoint" in stderr, stderr
+    log = (sweep_dir / "default" / "seed-1" / "train.log").read_text()
+    assert "stopped by signal 15" in log
+    assert not any("seed-1" in line for line in os.popen("ps -eo args").read().splitlines() if "gluetune" in line)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in (sweep_dir / "default" / "seed-1" / "train.log").read_text()

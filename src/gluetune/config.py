@@ -51,6 +51,7 @@ class DatasetConfig:
     num_labels: int | None = None
     max_length: int = 256  # truncation only; batches are padded dynamically
     pad_to_multiple_of: int | None = None  # None: 8 on CUDA, none on the CPU
+    cache_tokenized: bool = True  # keep tokenized splits on disk ($GLUETUNE_CACHE_DIR, ~/.cache/gluetune)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 

@@ -317,19 +317,79 @@ def encode_texts(tokenizer, texts: list[tuple[str, ...]], max_length: int) -> tu
     return dict(full), len(long_rows)
 
 
-def tokenize(ds, tokenizer, task: Task, max_length: int, split: str):
-    """Model inputs plus a `length` column (for length grouping and sorting); texts dropped."""
-    truncated = 0
+def tokenize(ds, tokenizer, task: Task, max_length: int, split: str, cache: bool = True):
+    """Model inputs plus a `length` column (for length grouping and sorting); texts dropped.
 
-    def encode(batch):
-        nonlocal truncated
-        enc, n = encode_texts(tokenizer, list(zip(*(batch[c] for c in task.text_columns))), max_length)
-        truncated += n
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
+    The result is cached on disk, keyed by the data's content fingerprint, the tokenizer's full
+    definition and max_length: a sweep or a resumed run does not tokenize the same split again
+    (MNLI's 393k pairs take a minute), and the cached copy is memory-mapped.
+    """
+    folder = _token_cache_folder(ds, tokenizer, task, max_length) if cache else None
+    if folder is not None and (folder / _CACHE_META).is_file():
+        import datasets
 
-    out = ds.map(encode, batched=True, batch_size=2048, remove_columns=list(task.text_columns), desc=f"Tokenizing {split}")
+        out, truncated = datasets.load_from_disk(str(folder)), json.loads((folder / _CACHE_META).read_text())["truncated"]
+    else:
+        truncated = 0
+
+        def encode(batch):
+            nonlocal truncated
+            enc, n = encode_texts(tokenizer, list(zip(*(batch[c] for c in task.text_columns))), max_length)
+            truncated += n
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            return enc
+
+        out = ds.map(encode, batched=True, batch_size=2048, remove_columns=list(task.text_columns),
+                     desc=f"Tokenizing {split}", load_from_cache_file=False)
+        if folder is not None:
+            out = _store_in_cache(out, folder, truncated)
     if truncated:
         logger.warning("%s: %d of %d examples are longer than max_length=%d tokens and were truncated",
                        split, truncated, len(ds), max_length)
     return out
+
+
+_CACHE_META = "gluetune_tokenized.json"
+CACHE_DIR_ENV = "GLUETUNE_CACHE_DIR"  # default ~/.cache/gluetune
+
+
+def _token_cache_folder(ds, tokenizer, task: Task, max_length: int) -> Path | None:
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if backend is None or fingerprint is None:  # no content identity to key on: do not cache
+        return None
+    # The backend's definition minus its call-time state (truncation, padding), which every call changes.
+    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    key = hashlib.sha256()
+    for part in (_ENCODING_VERSION, fingerprint, json.dumps(definition, sort_keys=True), str(tokenizer.all_special_tokens),
+                 str(task.text_columns), str(max_length), PAIR_SEPARATOR, str(is_pair_template_tokenizer(tokenizer))):
+        key.update(part.encode("utf-8", "surrogatepass"))
+        key.update(b"\0")
+    root = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "gluetune").expanduser()
+    return root / "tokenized" / key.hexdigest()[:32]
+
+
+_ENCODING_VERSION = "1"  # bump when encode_texts changes what it produces
+
+
+def _store_in_cache(out, folder: Path, truncated: int):
+    """Write to a temporary folder and rename it into place: a killed run leaves no torn entry."""
+    import datasets
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        out.save_to_disk(str(tmp))
+        (tmp / _CACHE_META).write_text(json.dumps({"truncated": truncated}))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process stored the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return datasets.load_from_disk(str(folder))
+    except OSError as err:  # a read-only or full disk costs the cache, not the run
+        logger.warning("tokenized data not cached (%s)", err)
+        return out

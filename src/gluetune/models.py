@@ -103,8 +103,11 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
     """`AutoModelForSequenceClassification` with the task's labels and a pad token id set.
 
     Decoder classifiers pool the last non-pad token; without `pad_token_id` on the config they
-    refuse batches larger than one.
+    refuse batches larger than one. Weights load in `dtype`, fp32 by default: transformers v5
+    would otherwise keep a checkpoint's own dtype (bf16 for Qwen2.5), which a CPU cannot mix
+    with fp32 adapters.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     path = path or resolve_model_path(model.name_or_path)
@@ -116,8 +119,7 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
     )
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs["dtype"] = dtype or torch.float32
     try:
         return _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
     except ValueError as err:  # e.g. an architecture without a sequence-classification head

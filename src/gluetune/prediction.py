@@ -71,7 +71,7 @@ class Classifier:
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
         tokenizer = models.load_tokenizer(config.model, path=str(folder) if has_tokenizer else None)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and config.training.get("bf16") else None
+        dtype = torch.bfloat16 if device == "cuda" and config.training.get("bf16") else torch.float32
 
         def load_base(path):
             return models.load_classifier(config.model, config.task, tokenizer.pad_token_id, path=path, dtype=dtype)

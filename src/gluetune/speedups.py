@@ -16,6 +16,22 @@ from torch import nn
 logger = logging.getLogger("gluetune")
 
 
+class _MaskedScale(torch.autograd.Function):
+    """x * mask * scale that keeps only the 1-byte mask for backward (a plain `x * mask` would
+    keep it as a 4-byte float: activation memory is mostly dropout masks in a LoRA model)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
+
+
 class FastCpuDropout(nn.Dropout):
     """Dropout whose CPU mask costs a fraction of `torch.bernoulli`'s.
 
@@ -34,9 +50,8 @@ class FastCpuDropout(nn.Dropout):
             return x * 0
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64)
-        lanes = bits.view(torch.int32)[:n].view_as(x)
-        keep = lanes >= int(round(self.p * 2**32)) - 2**31
-        return x * keep * (1.0 / (1.0 - self.p))
+        keep = bits.view(torch.int32)[:n].view_as(x) >= int(round(self.p * 2**32)) - 2**31
+        return _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
 
 def use_fast_cpu_dropout(model: nn.Module) -> int:

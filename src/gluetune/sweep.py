@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,12 +47,15 @@ class Setting:
 
 
 def setting_name(overrides: list[str]) -> str:
-    """A folder name for a setting: `learning_rate=0.001,lora_r=16`; `default` without a grid."""
+    """A folder name for a setting: `learning_rate=1e-3,lora_r=16`, lists joined by `+`
+    (`modules_to_save=pooler+LayerNorm`); `default` without a grid."""
     if not overrides:
         return "default"
     parts = []
     for item in overrides:
         key, value = item.split("=", 1)
+        if value.strip().startswith("["):
+            value = "+".join(str(v) for v in parse_yaml(value, f"--grid {key}") or [])
         parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return re.sub(r"[^A-Za-z0-9=.,_+-]", "_", ",".join(parts))
 
@@ -122,34 +126,7 @@ def run_sweep(config_path: str, base_overrides: list[str], settings: list[Settin
     for run in runs:  # validate every combination before the first run starts
         load_config(config_path, run.overrides(base_overrides))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    pending: list[tuple[int, Run, subprocess.Popen, float]] = []
-    failures = []
-
-    def report(index: int, run: Run, started: float, code: int) -> None:
-        label = f"[{index}/{len(runs)}] {run.setting.name} seed {run.seed}"
-        if code != 0:
-            failures.append(run)
-            tail = (run.folder / "train.log").read_text()[-400:] if (run.folder / "train.log").exists() else ""
-            logger.warning("%s: failed (exit %d) %s", label, code, tail.strip().splitlines()[-1] if tail.strip() else "")
-            return
-        logger.info("%s: %s (%.0f s)", label, describe_run(run.folder), time.time() - started)
-
-    for index, run in enumerate(runs, start=1):
-        if rundir.is_finished(run.folder):
-            logger.info("[%d/%d] %s seed %d: done before, %s", index, len(runs), run.setting.name, run.seed,
-                        describe_run(run.folder))
-            continue
-        while len(pending) >= jobs:
-            pending = _reap(pending, report, block=True)
-        run.folder.mkdir(parents=True, exist_ok=True)
-        log = open(run.folder / "train.log", "a")
-        process = subprocess.Popen(_command(config_path, run.overrides(base_overrides)), stdout=log,
-                                   stderr=subprocess.STDOUT, env=_run_env(jobs))
-        log.close()
-        pending.append((index, run, process, time.time()))
-    while pending:
-        pending = _reap(pending, report, block=True)
-
+    failures = _execute(runs, config_path, base_overrides, jobs)
     rows = summarize(sweep_dir, settings, seeds)
     write_summary(sweep_dir, rows)
     if failures:
@@ -160,18 +137,64 @@ def run_sweep(config_path: str, base_overrides: list[str], settings: list[Settin
     return rows
 
 
-def _reap(pending, report, block: bool):
-    while True:
-        still = []
-        for index, run, process, started in pending:
-            code = process.poll()
-            if code is None:
-                still.append((index, run, process, started))
-            else:
-                report(index, run, started, code)
-        if len(still) < len(pending) or not block:
-            return still
-        time.sleep(0.5)
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs: int) -> list[Run]:
+    """Run the unfinished runs, `jobs` at a time, with a progress line each; returns the failed ones.
+
+    Each training runs in its own session, so a Ctrl-C or SIGTERM reaches the sweep alone, which
+    passes one SIGTERM on: the trainings save a checkpoint, and the next sweep command resumes them.
+    """
+    running: list[tuple[int, Run, subprocess.Popen, float]] = []
+    failures: list[Run] = []
+
+    def wait_for_one():
+        while True:
+            for entry in running:
+                index, run, process, started = entry
+                code = process.poll()
+                if code is None:
+                    continue
+                running.remove(entry)
+                label = f"[{index}/{len(runs)}] {run.setting.name} seed {run.seed}"
+                if code == 0:
+                    logger.info("%s: %s (%.0f s)", label, describe_run(run.folder), time.time() - started)
+                else:
+                    failures.append(run)
+                    lines = (run.folder / "train.log").read_text(errors="replace").strip().splitlines()
+                    logger.warning("%s: failed (exit %d): %s", label, code, lines[-1] if lines else "no output")
+                return
+            time.sleep(0.5)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for index, run in enumerate(runs, start=1):
+            if rundir.is_finished(run.folder):
+                logger.info("[%d/%d] %s seed %d: done before, %s", index, len(runs), run.setting.name, run.seed,
+                            describe_run(run.folder))
+                continue
+            while len(running) >= jobs:
+                wait_for_one()
+            run.folder.mkdir(parents=True, exist_ok=True)
+            with open(run.folder / "train.log", "a") as log:
+                process = subprocess.Popen(_command(config_path, run.overrides(base_overrides)), stdout=log,
+                                           stderr=subprocess.STDOUT, env=_run_env(jobs), start_new_session=True)
+            running.append((index, run, process, time.time()))
+        while running:
+            wait_for_one()
+    except KeyboardInterrupt:
+        for _, _, process, _ in running:
+            process.send_signal(signal.SIGTERM)
+        for _, run, process, _ in running:
+            process.wait()
+            logger.warning("%s seed %d: stopped with a checkpoint; run the sweep again to resume it",
+                           run.setting.name, run.seed)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return failures
 
 
 # ---------------------------------------------------------------- summaries

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-from . import data, models, rundir
+from . import data, methods, models, rundir
 from .callbacks import GracefulStop, SingleClassWarning, tensorboard_callback
 from .config import TRAINING_EXTRAS, RunConfig, save_config
 from .errors import RunInterrupted, TrainingDiverged, UserError
@@ -158,9 +158,8 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
     tokenizer = models.load_tokenizer(config.model)
     raw = data.load_splits(config, ["train", *task.validation_splits])
 
-    dtype = None
-    if args.bf16 and config.peft.method != "full":
-        dtype = torch.bfloat16  # frozen base weights need no fp32 master copy
+    # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
+    dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
     model = models.load_classifier(config.model, task, tokenizer.pad_token_id, dtype=dtype)
     model = models.make_trainable(model, config)
     logger.info("%s", models.describe_parameters(model))
@@ -172,7 +171,8 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
     if limit and max_length > limit:
         logger.warning("dataset.max_length=%d exceeds the model's limit of %d tokens; using %d", max_length, limit, limit)
         max_length = limit
-    encoded = {split: data.tokenize(ds, tokenizer, task, max_length, split) for split, ds in raw.items()}
+    encoded = {split: data.tokenize(ds, tokenizer, task, max_length, split, cache=config.dataset.cache_tokenized)
+               for split, ds in raw.items()}
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
     evals = {s: encoded[s].sort("length") for s in task.validation_splits}
     eval_dataset = evals[task.validation_splits[0]] if len(evals) == 1 else evals
@@ -187,6 +187,7 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple),
         processing_class=tokenizer,
         compute_metrics=trainer_metrics_fn(task),
+        optimizers=(methods.optimizer(model, config.peft, args), None),
         callbacks=[tensorboard_callback(config.training["logging_dir"]), stop, SingleClassWarning()],
     )
     save_config(config, output_dir)

@@ -1,8 +1,9 @@
 """Fine-tuning methods, one module each: a config dataclass beside the code that applies it.
 
 A method module defines `Config` (its `peft:` section; `method` names it), `apply(model, config)`
-which makes a freshly loaded base model trainable, and `load(base_model_loader, folder)` which
-rebuilds the trained model from an output folder. Add a method by adding a module and listing it
+which makes a freshly loaded base model trainable, `optimizer(model, config, training_args)` (None
+for the Trainer's own), and `load(config, load_base, folder)` which rebuilds the trained model from
+an output folder. Add a method by adding a module and listing it
 in `METHODS`.
 """
 
@@ -39,6 +40,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def apply(model, config):
     return _module(config.method).apply(model, config)
+
+
+def optimizer(model, config, args):
+    return _module(config.method).optimizer(model, config, args)
 
 
 def load(config, load_base, folder):

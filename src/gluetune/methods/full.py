@@ -16,5 +16,9 @@ def apply(model, config: Config):
     return model
 
 
+def optimizer(model, config: Config, args):
+    return None  # the Trainer's own
+
+
 def load(config: Config, load_base, folder):
     return load_base(str(folder))
