@@ -81,8 +81,14 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from sklearn.metrics import matthews_corrcoef
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     config, model_path = cpu_default(epochs)
     t, p = config.training, config.peft
@@ -99,7 +105,7 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     model = get_peft_model(model, LoraConfig(
         task_type=TaskType.SEQ_CLS, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-        target_modules=p.target_modules, modules_to_save=p.modules_to_save,
+        target_modules=p.target_modules, modules_to_save=p.modules_to_save, use_rslora=p.use_rslora,
     ))
 
     def mcc(eval_prediction):
@@ -149,7 +155,7 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
     config = load_config(CONFIG, overrides)
     metrics = train(config).metrics
     epochs_run = metrics["train"]["epochs"]
-    sentences = read_glue_split(glue_dir, get_task("cola"), "train")["sentence"]
+    sentences = list(read_glue_split(glue_dir, get_task("cola"), "train")["sentence"])
     encoded = load_tokenizer(config.model)(sentences, truncation=True, max_length=config.dataset.max_length)
     real_tokens = sum(len(ids) for ids in encoded["input_ids"])
     return {"train_wall_s": metrics["train"]["runtime_s"], "train_samples": len(sentences) * epochs_run,
@@ -181,8 +187,9 @@ def main() -> None:
     glue_dir = Path(args.glue_dir).resolve()
 
     if args.contender:  # child process: run one contender, print its report as JSON
-        import transformers
         import warnings
+
+        import transformers
 
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore")

@@ -7,7 +7,7 @@ CoLA, the reference hyperparameters, per-epoch evaluation. Two contenders, each 
 process: gluetune from configs/glue_cola_qwen.yaml, and the plain Trainer + PEFT baseline
 (dynamic padding, fp32 weights under bf16 autocast, as run_glue.py loads them).
 
-    python bench/gpu_qwen.py                 # on a CUDA machine; about 5 minutes on an H100
+    python bench/gpu_qwen.py                 # on a CUDA machine (sized for < 8 min on an H100; not yet run)
     python bench/gpu_qwen.py --smoke         # the same pipeline on a tiny model, on any machine
 
 Without CUDA (and without --smoke) it says so and exits 0. The device machine has no ../shared:
@@ -97,8 +97,14 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from sklearn.metrics import matthews_corrcoef
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     sys.path.insert(0, str(ROOT / "src"))
     from gluetune.data import read_glue_split
@@ -146,8 +152,9 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
 
 
 def child(args) -> None:
-    import transformers
     import warnings
+
+    import transformers
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REFERENCE_CONFIG, assert_one_line_error, run_cli
+
 from gluetune.cli import main
-from gluetune.config import CONFIG_FILENAME, apply_overrides, build_config, load_config, load_saved_config, save_config
+from gluetune.config import (
+    CONFIG_FILENAME,
+    apply_overrides,
+    build_config,
+    load_config,
+    load_saved_config,
+    save_config,
+)
 from gluetune.errors import UserError
 
 
@@ -186,3 +193,8 @@ def test_custom_dataset_needs_columns_and_labels():
 def test_apply_overrides_creates_nested_sections():
     raw = apply_overrides({}, ["training.lr_scheduler_kwargs.power=2"])
     assert raw == {"training": {"lr_scheduler_kwargs": {"power": 2}}}
+
+
+def test_length_group_batches_must_be_positive(capsys):
+    line = error_of(capsys, "train", "--config", str(REFERENCE_CONFIG), "--set", "training.length_group_batches=0")
+    assert "training.length_group_batches: 0" in line and "positive integer" in line

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import GLUE_DIR
+from synthetic_glue import (
+    MNLI_WORDS,
+    QNLI_WORDS,
+    TEST_INDEX_START,
+    write_synthetic_glue,
+)
+
 from gluetune.data import encode_texts, read_glue_split
 from gluetune.errors import UserError
 from gluetune.evaluation import TaskResult, glue_table
 from gluetune.metrics import glue_score, task_metrics, task_score
 from gluetune.submission import leaderboard_labels, submission_files
 from gluetune.tasks import GLUE_TASKS, get_task
-from synthetic_glue import MNLI_WORDS, QNLI_WORDS, TEST_INDEX_START, write_synthetic_glue
 
 # nyu-mll/glue on the hub: input columns and label names, in label-id order ([] = regression).
 HUB = {

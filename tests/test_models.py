@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import QWEN_CONFIGS, REFERENCE_CONFIG, run_cli
+
 from gluetune import models
 from gluetune.config import load_config
 from gluetune.errors import UserError

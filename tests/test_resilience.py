@@ -11,8 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    GLUE_DIR,
+    REFERENCE_CONFIG,
+    ROOT,
+    as_set_args,
+    assert_one_line_error,
+    build_tiny_qwen,
+    run_cli,
+    tiny_overrides,
+)
 
-from conftest import GLUE_DIR, REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, build_tiny_qwen, run_cli, tiny_overrides
 from gluetune.rundir import LOCK_FILENAME, OutputDirLock, latest_checkpoint
 
 # 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs.

@@ -8,15 +8,15 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import GLUE_DIR, ROOT, tiny_overrides
+from synthetic_glue import MNLI_WORDS, TEST_INDEX_START, write_synthetic_glue
+
 from gluetune.cli import main
 from gluetune.config import load_config
 from gluetune.prediction import Classifier
 from gluetune.submission import load_test_split
 from gluetune.tasks import get_task
 from gluetune.training import train
-from synthetic_glue import MNLI_WORDS, TEST_INDEX_START, write_synthetic_glue
 
 LOCAL_TASKS = ["cola", "sst2", "mrpc", "rte", "stsb", "wnli"]  # real files in ../shared
 VOCABULARY = {

@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-
 from conftest import REFERENCE_CONFIG, as_set_args, run_cli, tiny_overrides
+
 from gluetune.sweep import parse_grid, setting_name
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-
 from conftest import GLUE_DIR, REFERENCE_CONFIG, as_set_args, run_cli, tiny_overrides
+
 from gluetune.cli import main
 from gluetune.config import load_config
 from gluetune.data import read_glue_split

@@ -100,7 +100,7 @@ _Loader.add_implicit_resolver(
         |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
-        re.X,
+        re.VERBOSE,
     ),
     list("-+0123456789."),
 )
@@ -265,6 +265,8 @@ TRAINING_EXTRAS: dict[str, Any] = {
     "logging_dir": str | None,  # TensorBoard event files; default <output_dir>/logs
     "warmup_ratio": float | None,  # v5 takes a fraction < 1 as `warmup_steps`
     "fast_cpu_dropout": bool,  # speedups.FastCpuDropout when training on a CPU (default true)
+    "cpu_heap_limit": bool,  # speedups.limit_cpu_heap_growth when training on a CPU (default true)
+    "length_group_batches": int | None,  # batches per length-sorted group (sampling.LengthGroupedSampler)
     "overwrite_output_dir": bool,  # start over in a non-empty output folder (v4 name; --overwrite)
 }
 
@@ -297,6 +299,10 @@ def _check_training(raw: Any, source: str, task: Task, config_stem: str) -> dict
         if not 0 <= ratio < 1:
             raise UserError(f"{source}: training.warmup_ratio: {ratio} is not valid; expected a number in [0, 1)")
         raw["warmup_steps"] = float(ratio)
+
+    groups = raw.get("length_group_batches")
+    if groups is not None and groups < 1:
+        raise UserError(f"{source}: training.length_group_batches: {groups} is not valid; expected a positive integer (or null)")
 
     # Defaults that make the reference run what users expect from run_glue.py + PEFT, made explicit
     # so the resolved config shows every value that mattered.

@@ -376,9 +376,10 @@ _ENCODING_VERSION = "1"  # bump when encode_texts changes what it produces
 
 def _store_in_cache(out, folder: Path, truncated: int):
     """Write to a temporary folder and rename it into place: a killed run leaves no torn entry."""
-    import datasets
     import shutil
     import tempfile
+
+    import datasets
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,13 @@ from .tasks import Task
 
 
 def classification_metrics(labels, predictions, num_labels: int) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_score, recall_score
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        matthews_corrcoef,
+        precision_score,
+        recall_score,
+    )
 
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     # Binary tasks report the positive class (label 1), as GLUE does for MRPC/QQP F1.
@@ -23,7 +29,7 @@ def classification_metrics(labels, predictions, num_labels: int) -> dict[str, fl
     if num_labels > 2:
         metrics["f1_macro"] = metrics["f1"]
     # How many distinct classes the model predicted: 1 means a degenerate (single-class) model.
-    metrics["predicted_classes"] = int(len(np.unique(predictions)))
+    metrics["predicted_classes"] = len(np.unique(predictions))
     return metrics
 
 

@@ -120,8 +120,9 @@ class Classifier:
 
 def write_predictions(path: str | Path, texts: list[tuple[str, ...]], predictions: list[Prediction], columns) -> None:
     """Predictions beside their inputs: JSON Lines for .jsonl, CSV for .csv, TSV otherwise."""
-    from .io import atomic_write_text
     import io
+
+    from .io import atomic_write_text
 
     rows = []
     for i, (text, p) in enumerate(zip(texts, predictions)):

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import rundir
 import yaml
 
+from . import rundir
 from .config import load_config, parse_yaml
 from .errors import UserError
 from .io import atomic_write_text
@@ -163,7 +163,8 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
                     logger.info("%s: %s (%.0f s)", label, describe_run(run.folder), time.time() - started)
                 else:
                     failures.append(run)
-                    lines = (run.folder / "train.log").read_text(errors="replace").strip().splitlines()
+                    log = run.folder / "train.log"
+                    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
                     logger.warning("%s: failed (exit %d): %s", label, code, lines[-1] if lines else "no output")
                 return
             time.sleep(0.5)
@@ -305,7 +306,7 @@ def rerun_setting(sweep_dir: Path, setting: str, target_dir: Path) -> list[tuple
         out = target_dir / setting / seed_dir.name
         cmd = [sys.executable, "-m", "gluetune", "train", "--config", str(config_file), "--resume",
                "--set", f"training.output_dir={out}", "--set", f"training.logging_dir={out / 'logs'}"]
-        code = subprocess.run(cmd).returncode
+        code = subprocess.run(cmd, check=False).returncode
         if code != 0:
             raise UserError(f"re-running {seed_dir} failed (exit {code})")
         recorded, reproduced = (rundir.read_metrics(d) for d in (seed_dir, out))

@@ -18,7 +18,7 @@ from .errors import RunInterrupted, TrainingDiverged, UserError
 from .io import atomic_write_json
 from .metrics import trainer_metrics_fn
 from .sampling import LengthGroupedSampler
-from .speedups import accelerator_settings, use_fast_cpu_dropout
+from .speedups import accelerator_settings, limit_cpu_heap_growth, use_fast_cpu_dropout
 
 logger = logging.getLogger("gluetune")
 
@@ -98,12 +98,15 @@ def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArgume
 class GluetuneTrainer(Trainer):
     """The Hugging Face Trainer with two changes: our length-grouped sampler, and a loss check."""
 
+    length_group_batches: int | None = None  # None: the sampler's default
+
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length" or self.args.world_size > 1:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         # Lengths come from the tokenized set (the Trainer drops the column before sampling).
-        return LengthGroupedSampler(self.train_dataset["length"], self._train_batch_size, seed=seed)
+        return LengthGroupedSampler(self.train_dataset["length"], self._train_batch_size, seed=seed,
+                                    mega_batch_mult=self.length_group_batches)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -163,8 +166,11 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
     model = models.load_classifier(config.model, task, tokenizer.pad_token_id, dtype=dtype)
     model = models.make_trainable(model, config)
     logger.info("%s", models.describe_parameters(model))
-    if config.training.get("fast_cpu_dropout", True) and not cuda_available():
-        use_fast_cpu_dropout(model)
+    if not cuda_available():
+        if config.training.get("fast_cpu_dropout", True):
+            use_fast_cpu_dropout(model)
+        if config.training.get("cpu_heap_limit", True):
+            limit_cpu_heap_growth()
 
     max_length = config.dataset.max_length
     limit = models.max_model_length(model)
@@ -190,6 +196,7 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
         optimizers=(methods.optimizer(model, config.peft, args), None),
         callbacks=[tensorboard_callback(config.training["logging_dir"]), stop, SingleClassWarning()],
     )
+    trainer.length_group_batches = config.training.get("length_group_batches")
     save_config(config, output_dir)
     rundir.write_record(output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
     if checkpoint is not None:
