@@ -98,7 +98,9 @@ def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArgume
 class GluetuneTrainer(Trainer):
     """The Hugging Face Trainer with two changes: our length-grouped sampler, and a loss check."""
 
-    length_group_batches: int | None = None  # None: the sampler's default
+    def __init__(self, *args, length_group_batches: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.length_group_batches = length_group_batches  # None: the sampler's default
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length" or self.args.world_size > 1:
@@ -195,8 +197,8 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
         compute_metrics=trainer_metrics_fn(task),
         optimizers=(methods.optimizer(model, config.peft, args), None),
         callbacks=[tensorboard_callback(config.training["logging_dir"]), stop, SingleClassWarning()],
+        length_group_batches=config.training.get("length_group_batches"),
     )
-    trainer.length_group_batches = config.training.get("length_group_batches")
     save_config(config, output_dir)
     rundir.write_record(output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
     if checkpoint is not None:
