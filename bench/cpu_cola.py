@@ -102,7 +102,8 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
 
     train = read_cola(glue_dir / "CoLA" / "train.tsv").map(encode, batched=True)
     dev = read_cola(glue_dir / "CoLA" / "dev.tsv").map(encode, batched=True)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2,
+                                                               **(config.model.config_overrides or {}))
     model = get_peft_model(model, LoraConfig(
         task_type=TaskType.SEQ_CLS, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
         target_modules=p.target_modules, modules_to_save=p.modules_to_save, use_rslora=p.use_rslora,
@@ -170,7 +171,8 @@ def run_contender(name: str, glue_dir: Path, epochs: float | None) -> dict:
     cmd = [sys.executable, __file__, "--contender", name, "--glue_dir", str(glue_dir)]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"contender {name} failed:\n{result.stderr[-3000:]}")

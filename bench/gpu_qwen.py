@@ -7,12 +7,11 @@ CoLA, the reference hyperparameters, per-epoch evaluation. Two contenders, each 
 process: gluetune from configs/glue_cola_qwen.yaml, and the plain Trainer + PEFT baseline
 (dynamic padding, fp32 weights under bf16 autocast, as run_glue.py loads them).
 
-    python bench/gpu_qwen.py                 # on a CUDA machine (sized for < 8 min on an H100; not yet run)
+    python bench/gpu_qwen.py                 # on a CUDA machine (10 epochs: ~14 min per contender on an H200)
     python bench/gpu_qwen.py --smoke         # the same pipeline on a tiny model, on any machine
 
-Without CUDA (and without --smoke) it says so and exits 0. The device machine has no ../shared:
-copy CoLA and the Qwen assets into the checkout (an ignored folder) and pass --glue_dir,
---tokenizer and --model_config.
+Without CUDA (and without --smoke) it says so and exits 0. The device machine has no ../shared and
+no internet: bench/gpu_device.sh stages the data, assets and pinned wheels, and runs this there.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
 CONFIG = ROOT / "configs" / "glue_cola_qwen.yaml"
+SMOKE_EXAMPLES = 256
 
 
 def build_random_model(model_config: Path, tokenizer: Path, folder: Path, smoke: bool) -> None:
@@ -64,14 +64,14 @@ def gpu_report(wall: float, steps: int, real_tokens: int, extra: dict) -> dict:
     }
 
 
-def cola_real_tokens(glue_dir: Path, tokenizer_path: Path, epochs: float) -> int:
+def cola_real_tokens(glue_dir: Path, tokenizer_path: Path, epochs: float, smoke: bool) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from transformers import AutoTokenizer
 
     from gluetune.data import read_glue_split
     from gluetune.tasks import get_task
 
-    sentences = read_glue_split(glue_dir, get_task("cola"), "train")["sentence"]
+    sentences = list(read_glue_split(glue_dir, get_task("cola"), "train")["sentence"])[: SMOKE_EXAMPLES if smoke else None]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return int(sum(len(ids) for ids in tokenizer(sentences)["input_ids"]) * epochs)
 
@@ -84,10 +84,10 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_ov
     overrides = [f"model.name_or_path={model}", f"dataset.data_dir={glue_dir}", f"training.output_dir={out}",
                  f"training.num_train_epochs={epochs}", *extra_overrides]
     if smoke:
-        overrides.append("dataset.max_train_samples=256")
+        overrides.append(f"dataset.max_train_samples={SMOKE_EXAMPLES}")
     metrics = train(load_config(CONFIG, overrides)).metrics
     wall = metrics["train"]["runtime_s"]
-    tokens = cola_real_tokens(glue_dir, model, epochs) if not smoke else 0
+    tokens = cola_real_tokens(glue_dir, model, epochs, smoke)
     return gpu_report(wall, metrics["train"]["steps"], tokens,
                       {"mcc": metrics["validation"]["matthews_correlation"], "trainable": metrics["trainable_parameters"]})
 
@@ -120,7 +120,7 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
 
     train = read_glue_split(glue_dir, cola, "train")
     if smoke:
-        train = train.select(range(256))
+        train = train.select(range(SMOKE_EXAMPLES))
     train = train.map(encode, batched=True)
     dev = read_glue_split(glue_dir, cola, "validation").map(encode, batched=True)
     # fp32 master weights under bf16 autocast: the standard mixed-precision recipe (transformers v4's
@@ -146,7 +146,7 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
     started = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - started
-    tokens = cola_real_tokens(glue_dir, model, epochs) if not smoke else 0
+    tokens = cola_real_tokens(glue_dir, model, epochs, smoke)
     return gpu_report(wall, trainer.state.global_step, tokens,
                       {"mcc": trainer.evaluate()["eval_matthews_correlation"], "train_runtime_s": result.metrics["train_runtime"]})
 
@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--model_config", default=str(SHARED / "assets" / "qwen2.5-configs" / "Qwen2.5-1.5B"))
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--skip_baseline", action="store_true")
+    parser.add_argument("--skip_gluetune", action="store_true", help="time the plain Trainer + PEFT baseline alone")
     parser.add_argument("--compile", action="store_true", help="also time gluetune with training.torch_compile=true")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 256 examples: checks the script, any device")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -193,7 +194,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)"
     print(f"device: {device}; torch {torch.__version__}; model shapes: {Path(args.model_config).name}"
           f"{' shrunk (smoke)' if args.smoke else ''}; epochs: {args.epochs:g}", flush=True)
-    contenders = ["gluetune"] + (["gluetune-compile"] if args.compile else []) + ([] if args.skip_baseline else ["baseline"])
+    contenders = (([] if args.skip_gluetune else ["gluetune"]) + (["gluetune-compile"] if args.compile else [])
+                  + ([] if args.skip_baseline else ["baseline"]))
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         started = time.perf_counter()
@@ -202,7 +204,9 @@ def main() -> None:
         for name in contenders:
             cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
                    "--epochs", str(args.epochs)] + (["--smoke"] if args.smoke else [])
-            env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+            # keep the caller's PYTHONPATH (packages carried onto a device machine live there)
+            pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}
             result = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if result.returncode != 0:
                 print(f"{name}: failed\n{result.stderr[-3000:]}", flush=True)

@@ -18,6 +18,8 @@ def test_gpu_bench_pipeline_on_a_tiny_model():
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("gluetune ") and "wall_s=" in line and "peak_gpu_gb=" in line for line in lines), lines
+    # every figure the full run prints is computed in smoke mode too (a token count once broke only on the GPU)
+    assert all(float(line.split("real_tokens/s=")[1].split()[0]) > 0 for line in lines if "real_tokens/s=" in line), lines
     assert any(line.startswith("baseline ") and "mcc=" in line for line in lines), lines
 
 

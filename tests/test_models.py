@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import QWEN_CONFIGS, REFERENCE_CONFIG, run_cli
+from conftest import CPU_CONFIG, QWEN_CONFIGS, REFERENCE_CONFIG, run_cli
 
 from gluetune import models
 from gluetune.config import load_config
@@ -112,3 +112,47 @@ def test_per_role_learning_rates(tiny_qwen):
     assert any("lora_B" in name for name in lrs) and any("score" in name for name in lrs)
     plain = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}"])
     assert methods.optimizer(model, plain.peft, args) is None
+
+
+def test_config_overrides_reach_the_model_and_typos_are_refused(tiny_qwen):
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}",
+                                            "model.config_overrides={attention_dropout: 0.25}"])
+    model = models.load_classifier(config.model, config.task, pad_token_id=0)
+    assert model.config.attention_dropout == 0.25
+    assert models.classifier_from_config(config).config.attention_dropout == 0.25
+
+    typo = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "model.config_overrides={atention_dropout: 0}"])
+    with pytest.raises(UserError, match=r"model.config_overrides: 'atention_dropout' is not a field.*attention_dropout"):
+        models.load_classifier(typo.model, typo.task, pad_token_id=0)
+    with pytest.raises(UserError, match=r"model.config_overrides: .* expected a mapping"):
+        load_config(REFERENCE_CONFIG, ["model.config_overrides=0.1"])
+
+
+def test_mean_pooling_feeds_the_head_the_mean_of_real_tokens(minilm_path):
+    config = load_config(CPU_CONFIG, [f"model.name_or_path={minilm_path}", "model.pooling=mean"])
+    tokenizer = models.load_tokenizer(config.model)
+    model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id).eval()
+    batch = tokenizer(["A short one.", "A rather longer sentence than that one is."], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits
+        alone = model(**tokenizer(["A short one."], return_tensors="pt")).logits
+        hidden = model.bert(**batch).last_hidden_state
+        weights = batch["attention_mask"][..., None].float()
+        pooler = model.bert.pooler
+        by_hand = model.classifier(pooler.activation(pooler.dense((hidden * weights).sum(1) / weights.sum(1))))
+    torch.testing.assert_close(logits, by_hand)
+    torch.testing.assert_close(logits[0], alone[0], rtol=1e-4, atol=1e-5)  # padding does not leak in
+
+    # under LoRA the pooler is a modules_to_save copy: the hook must use (and train) that copy
+    peft_model = models.make_trainable(model, config).train()
+    peft_model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None and "pooler" in n}
+    assert trained and all("modules_to_save" in n for n in trained)
+
+
+def test_mean_pooling_is_refused_where_it_cannot_apply(tiny_qwen):
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "model.pooling=mean"])
+    with pytest.raises(UserError, match=r"model.pooling: mean needs a BERT-style encoder"):
+        models.load_classifier(config.model, config.task, pad_token_id=0)
+    with pytest.raises(UserError, match=r"model.pooling: 'max' is not valid; expected null .* or mean"):
+        load_config(REFERENCE_CONFIG, ["model.pooling=max"])

@@ -35,6 +35,12 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
+    # model config values to change at load, e.g. {hidden_dropout_prob: 0.0} (run_glue.py's --config_overrides)
+    config_overrides: dict[str, Any] | None = None
+    pooling: str | None = None  # None: the architecture's own head input; "mean": see models.use_mean_pooling
+
+
+POOLINGS = (None, "mean")
 
 
 @dataclass
@@ -375,6 +381,8 @@ def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     model = _check_section("model", raw.get("model"), ModelConfig, source)
     if not model.name_or_path:
         raise UserError(f"{source}: model.name_or_path is missing (a hub id such as Qwen/Qwen2.5-1.5B, or a folder)")
+    if model.pooling not in POOLINGS:
+        raise UserError(f"{source}: model.pooling: {model.pooling!r} is not valid; expected null (the model's own) or mean")
     dataset = _check_section("dataset", raw.get("dataset"), DatasetConfig, source)
     peft = methods.parse(raw.get("peft"), source, check=_check_section)
     task = _resolve_task(dataset, source)

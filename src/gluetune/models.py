@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import methods
 from .config import ModelConfig, RunConfig
-from .errors import UserError, one_line
+from .errors import UserError, did_you_mean, one_line
 from .tasks import Task
 
 logger = logging.getLogger("gluetune")
@@ -120,10 +120,63 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
     kwargs["dtype"] = dtype or torch.float32
+    kwargs.update(_checked_overrides(model, path))
     try:
-        return _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
+        classifier = _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
     except ValueError as err:  # e.g. an architecture without a sequence-classification head
         raise UserError(f"model '{model.name_or_path}': {one_line(err)}") from None
+    if model.pooling == "mean":
+        use_mean_pooling(classifier, model.name_or_path)
+    return classifier
+
+
+def use_mean_pooling(classifier, name: str) -> None:
+    """Feed a BERT-style head the mean of the real tokens' last hidden states instead of [CLS]'s.
+
+    Why by hand: transformers' encoder classifiers always pool the first token, but sentence-
+    embedding checkpoints (all-MiniLM-L6-v2 and the like) were trained with mean pooling, so their
+    [CLS] state carries little and must be re-learnt. A forward hook on the encoder recomputes
+    `pooler_output` as pooler(masked mean); the pooler's weights and state-dict keys stay as they
+    are, so `modules_to_save: [pooler]`, checkpoints and reloading work unchanged. The hook looks
+    the pooler up at call time, so a PEFT copy of it (modules_to_save) is the one used.
+    """
+    encoder = classifier.base_model
+    if getattr(encoder, "pooler", None) is None or not hasattr(encoder.pooler, "dense"):
+        raise UserError(
+            f"model.pooling: mean needs a BERT-style encoder with a pooler layer; "
+            f"{name} ({type(classifier).__name__}) has none; leave model.pooling unset"
+        )
+
+    def pool_the_mean(module, args, kwargs, output):
+        hidden = output.last_hidden_state
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # BERT-style forward(input_ids, attention_mask, ...)
+        if mask is None:
+            mean = hidden.mean(dim=1)
+        else:
+            weights = mask[..., None].to(hidden.dtype)
+            mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        output.pooler_output = module.pooler(mean[:, None, :])  # the pooler reads position 0
+        return output
+
+    encoder.register_forward_hook(pool_the_mean, with_kwargs=True)
+
+
+def _checked_overrides(model: ModelConfig, path: str) -> dict:
+    """`model.config_overrides`, refused by name when the model's config has no such field:
+    `from_pretrained` would otherwise store an unknown key silently and change nothing."""
+    from transformers import AutoConfig
+
+    overrides = model.config_overrides or {}
+    if not overrides:
+        return {}
+    known = _from_pretrained(AutoConfig, path, revision=model.revision, trust_remote_code=model.trust_remote_code).to_dict()
+    for key in overrides:
+        if key not in known:
+            raise UserError(
+                f"model.config_overrides: '{key}' is not a field of {model.name_or_path}'s config"
+                f"{did_you_mean(key, known)}; expected a key of its config.json"
+            )
+    return dict(overrides)
 
 
 def classifier_from_config(config: RunConfig, pad_token_id: int | None = None):
@@ -134,7 +187,8 @@ def classifier_from_config(config: RunConfig, pad_token_id: int | None = None):
 
     path = resolve_model_path(config.model.name_or_path)
     model_config = _from_pretrained(AutoConfig, path, revision=config.model.revision,
-                                    trust_remote_code=config.model.trust_remote_code, **_label_kwargs(config.task))
+                                    trust_remote_code=config.model.trust_remote_code, **_label_kwargs(config.task),
+                                    **_checked_overrides(config.model, path))
     if pad_token_id is not None or model_config.pad_token_id is None:
         model_config.pad_token_id = pad_token_id if pad_token_id is not None else model_config.eos_token_id
     with torch.device("meta"):
