@@ -138,7 +138,8 @@ def use_mean_pooling(classifier, name: str) -> None:
     [CLS] state carries little and must be re-learnt. A forward hook on the encoder recomputes
     `pooler_output` as pooler(masked mean); the pooler's weights and state-dict keys stay as they
     are, so `modules_to_save: [pooler]`, checkpoints and reloading work unchanged. The hook looks
-    the pooler up at call time, so a PEFT copy of it (modules_to_save) is the one used.
+    the pooler up at call time, so a PEFT copy of it (modules_to_save) is the one used. (The
+    encoder still runs its own pooler on [CLS] first: one small matmul, discarded.)
     """
     encoder = classifier.base_model
     if getattr(encoder, "pooler", None) is None or not hasattr(encoder.pooler, "dense"):
@@ -149,7 +150,8 @@ def use_mean_pooling(classifier, name: str) -> None:
 
     def pool_the_mean(module, args, kwargs, output):
         hidden = output.last_hidden_state
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # BERT-style forward(input_ids, attention_mask, ...)
+        # BERT-style forward(input_ids, attention_mask, ...): the mask comes by keyword or second
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if mask is None:
             mean = hidden.mean(dim=1)
         else:
