@@ -25,7 +25,6 @@ stage_wheels() {
 }
 case "$1" in
 stage)
-  shift
   SHARED=${SHARED:-../shared}
   rm -rf .gpu_assets && mkdir -p .whl .gpu_assets/glue  # one mode's assets at a time: the carry limit
   stage_wheels

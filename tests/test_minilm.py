@@ -43,4 +43,4 @@ def test_cpu_default_reaches_a_real_mcc(tmp_path):
                      env={"GLUE_DIR": str(GLUE_DIR)}, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     mcc = json.loads((out / "metrics.json").read_text())["validation"]["matthews_correlation"]
-    assert mcc >= 0.3, mcc  # seeds 1-3 measured 0.336-0.390, seed 42 0.347 (README); 0 would mean one class
+    assert mcc >= 0.3, mcc  # seeds 1-3 measured 0.354-0.399, seed 42 0.378 (README); 0 would mean one class
