@@ -10,4 +10,4 @@ import sys
 from gluetune.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    sys.exit(main(["predict", *sys.argv[1:]], prog="inference.py"))

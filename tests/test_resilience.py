@@ -22,14 +22,18 @@ from conftest import (
     tiny_overrides,
 )
 
-from gluetune.rundir import LOCK_FILENAME, OutputDirLock, latest_checkpoint
+from gluetune.rundir import LOCK_FILENAME, OWNER_FILENAME, OutputDirLock, latest_checkpoint
 
-# 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs.
+# 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs, a checkpoint (and
+# an evaluation) every 3 steps, so checkpoints fall inside epochs; every checkpoint kept.
 SIZE = dict(train=256, evals=64, epochs=4)
+STEP_CHECKPOINTS = ["training.save_strategy=steps", "training.save_steps=3", "training.eval_strategy=steps",
+                    "training.eval_steps=3", "training.save_total_limit=null"]
 
 
 def train_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(tiny_overrides(model, out, **SIZE)), *extra]
+    return ["train.py", "--config", str(REFERENCE_CONFIG),
+            *as_set_args(tiny_overrides(model, out, **SIZE) + STEP_CHECKPOINTS), *extra]
 
 
 def start_training(model: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -49,6 +53,19 @@ def validation(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())["validation"]
 
 
+def train_loss(out: Path) -> float:
+    return json.loads((out / "metrics.json").read_text())["train"]["loss"]
+
+
+def kill_at(process: subprocess.Popen, line_start: str) -> None:
+    """SIGKILL the run as soon as it logs `line_start` (it logs every step)."""
+    for line in process.stderr:
+        if line.startswith(line_start):
+            process.kill()
+            break
+    process.wait()
+
+
 def assert_same_metrics(resumed: dict, reference: dict) -> None:
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
@@ -60,28 +77,30 @@ def uninterrupted(tiny_qwen, tmp_path_factory):
     out = tmp_path_factory.mktemp("resilience") / "uninterrupted"
     result = run_cli(*train_args(tiny_qwen, out))
     assert result.returncode == 0, result.stderr[-2000:]
-    return validation(out)
+    return out
 
 
 def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, uninterrupted):
+    """Killed at step 11, in epoch 2 (steps 9-16) between checkpoint-9 and checkpoint-12: the resume
+    skips into the middle of epoch 2 and must see that epoch's order, RNG and optimizer state."""
     out = tmp_path / "killed"
     process = start_training(tiny_qwen, out)
-    wait_for(out / "checkpoint-8" / "trainer_state.json", process)
-    time.sleep(0.3)  # well into epoch 2
-    process.kill()
-    process.wait()
+    kill_at(process, "[gluetune] step 11/32")
     assert process.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+    assert latest_checkpoint(out).name == "checkpoint-9"
     resumed = run_cli(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
-    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"].startswith("checkpoint-")
-    assert_same_metrics(validation(out), uninterrupted)
+    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"] == "checkpoint-9"
+    assert_same_metrics(validation(out), validation(uninterrupted))
+    # the training loss of the whole run, not of the part after the resume
+    assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
 
 
 def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_path, uninterrupted):
     out = tmp_path / "terminated"
     process = start_training(tiny_qwen, out)
-    wait_for(out / "checkpoint-8" / "trainer_state.json", process)
+    wait_for(out / "checkpoint-9" / "trainer_state.json", process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
@@ -90,21 +109,22 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_
     assert last is not None and last.name != "checkpoint-32" and not (out / "metrics.json").exists()
     resumed = run_cli(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_same_metrics(validation(out), uninterrupted)
+    assert_same_metrics(validation(out), validation(uninterrupted))
+    assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
 
 
 def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, uninterrupted):
     out = tmp_path / "torn"
     process = start_training(tiny_qwen, out)
-    wait_for(out / "checkpoint-16" / "trainer_state.json", process)
+    wait_for(out / "checkpoint-12" / "trainer_state.json", process)
     process.kill()
     process.wait()
-    # What a kill during the save of checkpoint-16 leaves: weights written, trainer state not yet.
-    (out / "checkpoint-16" / "trainer_state.json").unlink()
+    # What a kill during the save of checkpoint-12 leaves: weights written, trainer state not yet.
+    (out / "checkpoint-12" / "trainer_state.json").unlink()
     resumed = run_cli(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "checkpoint-8" in resumed.stderr and "was being written" in resumed.stderr
-    assert_same_metrics(validation(out), uninterrupted)
+    assert "checkpoint-9" in resumed.stderr and "was being written" in resumed.stderr
+    assert_same_metrics(validation(out), validation(uninterrupted))
 
 
 def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path):
@@ -145,8 +165,9 @@ def test_second_writer_is_refused_and_a_dead_lock_does_not_block(tiny_qwen, tmp_
     with OutputDirLock(out):
         result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
     assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
-    # The lock file of a process that died (here: released and left behind) does not block.
-    assert (out / LOCK_FILENAME).exists()
+    # The lock files a process left when it died do not block.
+    (out / LOCK_FILENAME).write_text("")
+    (out / OWNER_FILENAME).write_text("pid 1 on elsewhere")
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -155,7 +176,7 @@ def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
     out = tmp_path / "holder"
     code = f"from gluetune.rundir import OutputDirLock; lock = OutputDirLock({str(out)!r}).acquire(); import time; time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code])
-    while not (out / LOCK_FILENAME).exists() or not (out / LOCK_FILENAME).read_text():
+    while not (out / OWNER_FILENAME).exists() or not (out / OWNER_FILENAME).read_text():
         time.sleep(0.05)
     with pytest.raises(Exception, match="in use by another run"):
         OutputDirLock(out).acquire()

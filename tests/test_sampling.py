@@ -1,41 +1,90 @@
-"""The length-grouped training order: every example once per epoch, fresh order per epoch, little padding."""
+"""The length-grouped training order: every example once per epoch on exactly one process, the same
+step contents however a step is split, fresh order per epoch, little padding."""
 
 import random
 
-from gluetune.sampling import LengthGroupedSampler
+import pytest
+
+from gluetune.sampling import LengthGroupedBatches
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(3, 45) for _ in range(1000)]
 
 
-def padded_tokens(sampler: LengthGroupedSampler) -> int:
-    return sum(max(LENGTHS[i] for i in batch) * len(batch) for batch in sampler.batches())
+def padded_tokens(sampler: LengthGroupedBatches) -> int:
+    return sum(max(LENGTHS[i] for i in batch) * len(batch) for batch in sampler)
 
 
-def test_every_example_once_per_epoch_and_a_new_order_each_epoch():
-    sampler = LengthGroupedSampler(LENGTHS, batch_size=32, seed=1)
-    first = list(sampler)
-    assert sorted(first) == list(range(len(LENGTHS)))
-    sampler.set_epoch(1)
-    second = list(sampler)
-    assert sorted(second) == sorted(first) and second != first
+def steps_of(micro: int, accumulation: int, processes: int, seed: int = 1, epoch: int = 0, n: int = len(LENGTHS)):
+    """What each optimizer step holds across all processes: a list of sets of example indices."""
+    ranks = []
+    for rank in range(processes):
+        sampler = LengthGroupedBatches(LENGTHS[:n], micro, seed=seed, accumulation=accumulation,
+                                       processes=processes, rank=rank)
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        ranks.append([batches[i : i + accumulation] for i in range(0, len(batches), accumulation)])
+    assert len({len(r) for r in ranks}) == 1, "every process must run the same number of steps"
+    return [set().union(*(set(b) for r in ranks for b in r[step])) for step in range(len(ranks[0]))]
 
 
-def test_order_depends_on_seed_and_epoch_alone():
-    a, b = LengthGroupedSampler(LENGTHS, 32, seed=7), LengthGroupedSampler(LENGTHS, 32, seed=7)
-    a.set_epoch(3)
+@pytest.mark.parametrize("n", [1000, 999, 995, 965])
+def test_every_example_once_per_epoch_on_one_process(n):
+    for micro, accumulation, processes in [(16, 2, 1), (8, 2, 2), (16, 1, 2), (5, 3, 2)]:
+        seen = []
+        for rank in range(processes):
+            seen += [i for batch in LengthGroupedBatches(LENGTHS[:n], micro, seed=1, accumulation=accumulation,
+                                                         processes=processes, rank=rank) for i in batch]
+        assert sorted(seen) == list(range(n)), (micro, accumulation, processes)
+        assert all(len(b) > 0 for rank in range(processes) for b in LengthGroupedBatches(
+            LENGTHS[:n], micro, seed=1, accumulation=accumulation, processes=processes, rank=rank))
+
+
+def test_a_step_holds_the_same_examples_however_it_is_split():
+    """32 x 1, 16 x 2, 16 x 1 on two processes, 8 x 2 on two: the same steps, in the same order."""
+    reference = steps_of(32, 1, 1)
+    for micro, accumulation, processes in [(16, 2, 1), (16, 1, 2), (8, 2, 2), (4, 4, 2)]:
+        assert steps_of(micro, accumulation, processes) == reference, (micro, accumulation, processes)
+    # a short last step too: 997 = 31 x 32 + 5
+    assert steps_of(16, 2, 1, n=997) == steps_of(32, 1, 1, n=997) == steps_of(8, 2, 2, n=997)
+
+
+def test_a_tiny_last_step_joins_the_one_before():
+    """995 = 31 x 32 + 3: a rest smaller than the pieces of a step cannot be split."""
+    steps = steps_of(8, 2, 2, n=992 + 3)  # a rest of 3 examples for 4 pieces
+    assert len(steps) == 31 and sum(len(s) for s in steps) == 995
+
+
+def test_a_new_order_each_epoch_drawn_from_seed_and_epoch_alone():
+    first = steps_of(16, 2, 2, epoch=0)
+    assert steps_of(16, 2, 2, epoch=1) != first
     random.seed(123)  # the global RNG plays no part: a resumed run sees the same order
-    b.set_epoch(3)
-    assert list(a) == list(b)
-    assert list(LengthGroupedSampler(LENGTHS, 32, seed=8)) != list(LengthGroupedSampler(LENGTHS, 32, seed=7))
+    assert steps_of(16, 2, 2, epoch=0) == first
+    assert steps_of(16, 2, 2, seed=2) != first
 
 
-def test_longest_batch_first_and_short_batch_last():
-    batches = LengthGroupedSampler(LENGTHS, 32, seed=1).batches()
-    assert max(LENGTHS[i] for i in batches[0]) == max(LENGTHS)
-    assert all(len(b) == 32 for b in batches[:-1]) and len(batches[-1]) == len(LENGTHS) % 32
+def test_longest_step_first_and_short_step_last():
+    sampler = LengthGroupedBatches(LENGTHS, 32, seed=1)
+    steps = sampler.steps()
+    assert max(LENGTHS[i] for i in steps[0]) == max(LENGTHS)
+    assert all(len(s) == 32 for s in steps[:-1]) and len(steps[-1]) == len(LENGTHS) % 32
+
+
+def test_processes_of_one_slot_carry_similar_lengths():
+    """Micro-batch a of each process comes from the same stretch of the length-sorted step."""
+    per_rank = [list(LengthGroupedBatches(LENGTHS, 8, seed=1, accumulation=2, processes=2, rank=r)) for r in range(2)]
+    # within a step, slot 0 (both processes) holds shorter examples than slot 1
+    step0 = [per_rank[r][0] + per_rank[r][1] for r in range(2)]
+    assert max(LENGTHS[i] for r in range(2) for i in per_rank[r][0]) <= min(LENGTHS[i] for r in range(2) for i in per_rank[r][1])
+    assert sorted(step0[0] + step0[1]) == sorted(LengthGroupedBatches(LENGTHS, 32, seed=1).steps()[0])
 
 
 def test_group_size_trades_padding_for_mixing():
-    padding = [padded_tokens(LengthGroupedSampler(LENGTHS, 32, seed=1, mega_batch_mult=m)) for m in (1, 4, 16)]
+    padding = [padded_tokens(LengthGroupedBatches(LENGTHS, 32, seed=1, group_steps=m)) for m in (1, 4, 16)]
     assert padding[0] > padding[1] > padding[2] >= sum(LENGTHS)
+
+
+def test_too_few_examples_for_the_pieces_of_a_step():
+    with pytest.raises(ValueError, match="cannot fill 4 micro-batches"):
+        LengthGroupedBatches(LENGTHS[:3], 1, seed=1, accumulation=2, processes=2)

@@ -1,4 +1,8 @@
-"""The `gluetune` command: train, predict, evaluate, submit, sweep, params."""
+"""The `gluetune` command: train, predict, evaluate, submit, sweep, params, export, report, cache.
+
+Heavy libraries (torch, transformers) load inside the commands, after what can be checked
+without them (the config file exists and parses), so a typo is reported at once.
+"""
 
 from __future__ import annotations
 
@@ -8,55 +12,68 @@ import os
 import sys
 import warnings
 
+from . import distributed
 from .errors import UserError
 
 logger = logging.getLogger("gluetune")
 
 
-def _add_config(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, help="YAML run config (sections model, dataset, peft, training)")
+def _add_overrides(parser: argparse.ArgumentParser, what: str = "the config") -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override a config value (YAML-parsed), repeatable: --set training.learning_rate=2e-4",
+        help=f"override a value of {what} (YAML-parsed), repeatable: --set training.learning_rate=2e-4",
     )
 
 
-def _add_saved_config_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override the saved config, e.g. --set dataset.data_dir=/data/glue")
+def _add_config(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
+    parser.add_argument("--config", required=required,
+                        help=help or "YAML run config (sections model, dataset, peft, training)")
+    _add_overrides(parser)
+
+
+def _add_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="texts per forward pass (default 64; texts are sorted by length first)")
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> None:
+    _add_config(parser)
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest complete checkpoint in the output folder (if any)")
+    start.add_argument("--overwrite", action="store_true", help="delete a previous run in the output folder first")
+
+
+def _predict_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_path", required=True, help="a gluetune output folder (or a checkpoint-N in one)")
+    parser.add_argument("--config", help="the run's config: checked against the folder's task; needed only for a "
+                                         "folder gluetune did not write (a plain fine-tuned model)")
+    _add_overrides(parser, "the folder's saved config (e.g. dataset.max_length=128)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--input_text", help="one text to classify")
+    group.add_argument("--input_file", help="one text per line, or a CSV/TSV/JSONL file with the task's columns")
+    parser.add_argument("--input_text_pair", help="the second text, for pair tasks (MRPC, RTE, ...)")
+    parser.add_argument("--output_file", help="where --input_file's predictions go (.tsv, .csv or .jsonl)")
+    _add_batch_size(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gluetune", description="Parameter-efficient fine-tuning on GLUE-style tasks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model from a config")
-    _add_config(train)
-    start = train.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue from the latest complete checkpoint in the output folder (if any)")
-    start.add_argument("--overwrite", action="store_true", help="delete a previous run in the output folder first")
-
-    predict = commands.add_parser("predict", help="classify texts with a trained output folder")
-    _add_config(predict, required=False)
-    predict.add_argument("--model_path", required=True, help="a gluetune output folder")
-    group = predict.add_mutually_exclusive_group(required=True)
-    group.add_argument("--input_text", help="one text to classify")
-    group.add_argument("--input_file", help="one text per line, or a CSV/TSV/JSONL file with the task's columns")
-    predict.add_argument("--input_text_pair", help="the second text, for pair tasks (MRPC, RTE, ...)")
-    predict.add_argument("--output_file", help="where --input_file's predictions go (.tsv, .csv or .jsonl)")
-    predict.add_argument("--batch_size", type=int, default=64)
+    _train_parser(commands.add_parser("train", help="train a model from a config"))
+    _predict_parser(commands.add_parser("predict", help="classify texts with a trained output folder"))
 
     evaluate = commands.add_parser("evaluate", help="validation metrics of trained output folders, as one GLUE table")
     evaluate.add_argument("--model_path", nargs="+", required=True, help="one or more gluetune output folders")
-    _add_saved_config_overrides(evaluate)
-    evaluate.add_argument("--batch_size", type=int, default=64)
+    _add_overrides(evaluate, "each folder's saved config (e.g. dataset.data_dir=/data/glue)")
+    _add_batch_size(evaluate)
 
     submit = commands.add_parser("submit", help="predict GLUE test sets and write the leaderboard's submission files")
     submit.add_argument("--model_path", nargs="+", required=True, help="gluetune output folders, one per GLUE task")
     submit.add_argument("--output_dir", required=True, help="where the <TASK>.tsv files and submission.zip go")
-    _add_saved_config_overrides(submit)
-    submit.add_argument("--batch_size", type=int, default=64)
+    _add_overrides(submit, "each folder's saved config (e.g. dataset.data_dir=/data/glue)")
+    _add_batch_size(submit)
 
     sweep = commands.add_parser("sweep", help="one config over several seeds and a small grid; a median summary")
     _add_config(sweep, required=False)
@@ -70,29 +87,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     params = commands.add_parser("params", help="count trainable parameters from the model's config alone (no weights)")
     _add_config(params)
+
+    export = commands.add_parser("export", help="a standalone model folder: LoRA merged, loads with plain transformers")
+    export.add_argument("--model_path", required=True, help="a finished gluetune output folder")
+    export.add_argument("--output_dir", required=True, help="the new model folder (must not exist or be empty)")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="weights' precision in the export (default fp32)")
+
+    report = commands.add_parser("report", help="(re)draw a run's report.md and figures, or a sweep's")
+    report.add_argument("folder", help="a finished gluetune output folder, or a sweep folder")
+
+    cache = commands.add_parser("cache", help="where the tokenization cache is and how big; --clear empties it")
+    cache.add_argument("--clear", action="store_true", help="delete every cached tokenized split")
     return parser
 
 
 def run_train(args) -> int:
-    from .config import load_config
+    from .config import load_config, read_yaml_file
+
+    read_yaml_file(args.config)  # a missing or malformed file is reported before torch loads
+    quiet_libraries()
+    config = load_config(args.config, args.overrides)
+    config.control.resume = "auto" if args.resume else config.control.resume
+    config.control.overwrite = args.overwrite or config.control.overwrite
+
+    import torch
+
+    from .speedups import limit_cpu_heap_growth
     from .training import train
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("training.resume_from_checkpoint=auto")
-    if args.overwrite:
-        overrides.append("training.overwrite_output_dir=true")
-    train(load_config(args.config, overrides))
+    if not torch.cuda.is_available() and config.training.get("cpu_heap_limit", True):
+        limit_cpu_heap_growth()  # process-wide: applied by the command, never by the library
+    train(config)
     return 0
 
 
 def run_predict(args) -> int:
-    from .config import load_config
-    from .data import read_input_file
-    from .prediction import Classifier, write_predictions
+    from .config import load_config, read_yaml_file
 
-    config = load_config(args.config, args.overrides) if args.config else None
-    classifier = Classifier.from_folder(args.model_path, config=config, batch_size=args.batch_size)
+    if args.config:
+        read_yaml_file(args.config)
+    quiet_libraries()
+    from .data import read_input_file
+    from .prediction import Classifier, saved_config, write_predictions
+
+    given = load_config(args.config, args.overrides) if args.config else None
+    saved = saved_config(args.model_path, args.overrides)
+    if saved is not None and given is not None and given.task.name != saved.task.name:
+        raise UserError(f"--config {args.config} is for task '{given.task.name}', but {args.model_path} was trained "
+                        f"for '{saved.task.name}'; drop --config (the folder's own config is used)")
+    if saved is None and given is None and args.overrides:
+        raise UserError(f"--set needs a config to apply to: {args.model_path} has none; add --config")
+    classifier = Classifier.from_folder(args.model_path, config=given if saved is None else None,
+                                        overrides=args.overrides, batch_size=args.batch_size)
     task = classifier.task
     if args.input_text is not None:
         texts = [(args.input_text,) if args.input_text_pair is None else (args.input_text, args.input_text_pair)]
@@ -112,6 +159,7 @@ def run_predict(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    quiet_libraries()
     from .evaluation import evaluate_folders, glue_table
 
     print(glue_table(evaluate_folders(args.model_path, args.overrides, batch_size=args.batch_size)))
@@ -119,6 +167,7 @@ def run_evaluate(args) -> int:
 
 
 def run_submit(args) -> int:
+    quiet_libraries()
     from .submission import write_submission
 
     report = write_submission(args.model_path, args.output_dir, args.overrides, batch_size=args.batch_size)
@@ -142,6 +191,10 @@ def run_sweep(args) -> int:
         raise UserError("sweep needs --config (or --rerun SETTING to repeat a finished row)")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: expected a positive integer")
+    from .config import read_yaml_file
+
+    read_yaml_file(args.config)
+    quiet_libraries()
     settings = sweep.parse_grid(args.grid)
     rows = sweep.run_sweep(args.config, args.overrides, settings, sweep.parse_seeds(args.seeds), sweep_dir, args.jobs)
     print(sweep.markdown_table(rows), end="")
@@ -150,7 +203,10 @@ def run_sweep(args) -> int:
 
 
 def run_params(args) -> int:
-    from .config import load_config
+    from .config import load_config, read_yaml_file
+
+    read_yaml_file(args.config)
+    quiet_libraries()
     from .models import classifier_from_config, describe_parameters, make_trainable
 
     config = load_config(args.config, args.overrides)
@@ -159,9 +215,38 @@ def run_params(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    quiet_libraries()
+    from .export import export_folder
+
+    folder = export_folder(args.model_path, args.output_dir, dtype=args.dtype)
+    print(f"exported to {folder}: load with AutoModelForSequenceClassification.from_pretrained({str(folder)!r}"
+          f"{', trust_remote_code=True' if (folder / 'modeling_gluetune.py').is_file() else ''})")
+    return 0
+
+
+def run_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.folder)}")
+    return 0
+
+
+def run_cache(args) -> int:
+    from .data import tokenization_cache
+
+    folder, entries, size = tokenization_cache(clear=args.clear)
+    if args.clear:
+        print(f"cleared {entries} cached split(s), {size / 2**20:.1f} MiB, from {folder}")
+    else:
+        print(f"{folder}: {entries} cached split(s), {size / 2**20:.1f} MiB (set GLUETUNE_CACHE_DIR to move it; "
+              "gluetune cache --clear empties it)")
+    return 0
+
+
 COMMANDS = {
     "train": run_train, "predict": run_predict, "evaluate": run_evaluate, "submit": run_submit, "sweep": run_sweep,
-    "params": run_params,
+    "params": run_params, "export": run_export, "report": run_report, "cache": run_cache,
 }
 
 
@@ -169,30 +254,41 @@ def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[gluetune] %(message)s"))
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    # In a multi-process run only the main process speaks; the others report errors only.
+    logger.setLevel(logging.INFO if distributed.is_main_process() else logging.ERROR)
     logger.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Library deprecation chatter (transformers v5 renames, pyarrow options) is not the user's to fix.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # weight-loading bars; the Trainer's own stay
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def quiet_libraries() -> None:
+    """transformers' and datasets' own logging and weight-loading bars off (gluetune shows progress)."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command line. `prog` names a single command's own script (train.py, inference.py)."""
+    if prog is None:
+        args = build_parser().parse_args(argv)
+    else:
+        command, *rest = argv
+        parser = argparse.ArgumentParser(prog=prog, description=f"the same as `gluetune {command}`")
+        {"train": _train_parser, "predict": _predict_parser}[command](parser)
+        args = parser.parse_args(rest)
+        args.command = command
     setup_logging()
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        print(f"gluetune: error: {err}", file=sys.stderr)
+        if distributed.is_main_process():  # every process raised it; one line says it
+            print(f"gluetune: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("gluetune: interrupted", file=sys.stderr)

@@ -2,39 +2,43 @@
 
 Everything is validated here, before any model is loaded: an unknown key names the closest
 valid one, a wrong type or value names what is accepted. `--set section.key=value` overrides
-are applied to the raw YAML first, so they are validated exactly like the file.
+are applied to the raw YAML first, so they are validated exactly like the file. Loading a config
+imports no model code: a typo is reported before torch has loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import methods
+from . import arguments, methods
 from .errors import UserError, did_you_mean, one_line
+from .files import is_local_path
 from .tasks import Task, custom_task, get_task
+from .validation import check_section
 
 SECTIONS = ("model", "dataset", "peft", "training")
 GLUE_DIR_ENV = "GLUE_DIR"  # a local glue_data folder, used when dataset.data_dir is not set
 CONFIG_FILENAME = "resolved_config.yaml"  # written into every output folder
+# Where a run's files go, not what it learns: a run may be moved or resumed under another name.
+OUTPUT_KEYS = ("training.output_dir", "training.logging_dir")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = ""  # hub id, local folder, or pkg:<python module> (see models.resolve_model_path)
+    name_or_path: str = ""  # hub id, local folder, or pkg:<python module> (see sources.resolve)
     num_labels: int | None = None  # defaults to the task's
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
+    # a GGUF checkpoint: a file name inside name_or_path (folder or hub repo), or a path (see sources)
+    gguf_file: str | None = None
     # model config values to change at load, e.g. {hidden_dropout_prob: 0.0} (run_glue.py's --config_overrides)
     config_overrides: dict[str, Any] | None = None
     pooling: str | None = None  # None: the architecture's own head input; "mean": see models.use_mean_pooling
@@ -62,6 +66,17 @@ class DatasetConfig:
     max_eval_samples: int | None = None
 
 
+_PATH_KEYS = ("data_dir", "train_file", "validation_file", "test_file")
+
+
+@dataclass
+class RunControl:
+    """How this command treats the output folder: never part of the saved config."""
+
+    resume: str | None = None  # None (a fresh run), "auto" (the latest complete checkpoint) or a checkpoint path
+    overwrite: bool = False  # delete a previous gluetune run in the output folder first
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
@@ -70,12 +85,14 @@ class RunConfig:
     training: dict[str, Any]
     source: str = "<config>"  # the file it came from, for messages
     task: Task | None = field(default=None, repr=False)
+    control: RunControl = field(default_factory=RunControl, repr=False)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.training["output_dir"])
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as saved: every setting, no run control."""
         return {
             "model": dataclasses.asdict(self.model),
             "dataset": dataclasses.asdict(self.dataset),
@@ -177,171 +194,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
     return raw
 
 
-# ---------------------------------------------------------------- type checking
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(str(m.value) for m in tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if _enum_choices(tp):  # `SomeEnum | str`: the str stands for the enum's values
-            args = [a for a in args if a is not str]
-        return " or ".join(_type_name(a) for a in args)
-    if origin in (list, tuple):
-        return "a list"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    if tp is Any:
-        return True
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return isinstance(value, str) and value in {m.value for m in tp}
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        # A str member next to an enum (e.g. `OptimizerNames | str`) stands for the enum's values.
-        args = typing.get_args(tp)
-        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
-        if enums and str in args and isinstance(value, str):
-            return any(_matches(value, e) for e in enums)
-        return any(_matches(value, a) for a in args)
-    if origin in (list, tuple):
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item_tp) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _enum_choices(tp: Any) -> list[str]:
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return [str(m.value) for m in tp]
-    return [c for a in typing.get_args(tp) for c in _enum_choices(a)]
-
-
-def check_value(where: str, value: Any, tp: Any) -> Any:
-    """Raise a one-line UserError unless `value` fits annotation `tp`; lists accept a scalar."""
-    origin = typing.get_origin(tp)
-    wants_list = origin in (list, tuple) or any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(tp))
-    if wants_list and isinstance(value, str) and not _matches(value, tp):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if _matches(value, tp):
-        return value
-    choices = _enum_choices(tp)
-    hint = did_you_mean(value, choices) if isinstance(value, str) and choices else ""
-    raise UserError(f"{where}: {value!r} is not valid{hint}; expected {_type_name(tp)}")
-
-
-def _check_section(section: str, raw: Any, cls: type, source: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: '{section}' must be a mapping of keys to values, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key, value in raw.items():
-        if key not in hints:
-            raise UserError(
-                f"{source}: unknown key '{section}.{key}'{did_you_mean(key, names)}; "
-                f"valid keys: {', '.join(names)}"
-            )
-        raw[key] = check_value(f"{source}: {section}.{key}", value, hints[key])
-    return cls(**raw)
-
-
-# ---------------------------------------------------------------- training section
-
-# Keys gluetune adds to TrainingArguments' own: names transformers v4 users write, which v5 dropped.
-TRAINING_EXTRAS: dict[str, Any] = {
-    "logging_dir": str | None,  # TensorBoard event files; default <output_dir>/logs
-    "warmup_ratio": float | None,  # v5 takes a fraction < 1 as `warmup_steps`
-    "fast_cpu_dropout": bool,  # speedups.FastCpuDropout when training on a CPU (default true)
-    "cpu_heap_limit": bool,  # speedups.limit_cpu_heap_growth when training on a CPU (default true)
-    "length_group_batches": int | None,  # batches per length-sorted group (sampling.LengthGroupedSampler)
-    "overwrite_output_dir": bool,  # start over in a non-empty output folder (v4 name; --overwrite)
-}
-
-
-def _training_arg_types() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-def _check_training(raw: Any, source: str, task: Task, config_stem: str) -> dict[str, Any]:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: 'training' must be a mapping of TrainingArguments names to values")
-    types_ = {**_training_arg_types(), **TRAINING_EXTRAS}
-    for key, value in raw.items():
-        if key not in types_:
-            raise UserError(
-                f"{source}: unknown key 'training.{key}'{did_you_mean(key, types_)}; "
-                "expected a transformers.TrainingArguments name"
-            )
-        raw[key] = check_value(f"{source}: training.{key}", value, types_[key])
-
-    ratio = raw.pop("warmup_ratio", None)
-    if ratio is not None:
-        if raw.get("warmup_steps"):
-            raise UserError(f"{source}: give training.warmup_ratio or training.warmup_steps, not both")
-        if not 0 <= ratio < 1:
-            raise UserError(f"{source}: training.warmup_ratio: {ratio} is not valid; expected a number in [0, 1)")
-        raw["warmup_steps"] = float(ratio)
-
-    groups = raw.get("length_group_batches")
-    if groups is not None and groups < 1:
-        raise UserError(f"{source}: training.length_group_batches: {groups} is not valid; expected a positive integer (or null)")
-
-    # Defaults that make the reference run what users expect from run_glue.py + PEFT, made explicit
-    # so the resolved config shows every value that mattered.
-    greater = not task.primary_metric.endswith("loss")
-    defaults = {
-        "output_dir": f"./outputs/{config_stem}",
-        "eval_strategy": "epoch",
-        "save_strategy": "epoch",
-        "logging_strategy": "steps",
-        "logging_steps": 10,
-        "load_best_model_at_end": True,
-        "metric_for_best_model": task.primary_metric,
-        "greater_is_better": greater,
-        "save_total_limit": 2,
-        "report_to": ["tensorboard"],
-        "seed": 42,
-        "per_device_eval_batch_size": 64,
-        "train_sampling_strategy": "group_by_length",
-    }
-    resolved = {**defaults, **raw}
-    if isinstance(resolved["report_to"], str):
-        resolved["report_to"] = [resolved["report_to"]]
-    resolved.setdefault("logging_dir", os.path.join(resolved["output_dir"], "logs"))
-    metric = resolved["metric_for_best_model"]
-    known = {"loss", *task.metrics, *(m.removeprefix("eval_") for m in task.metrics)}
-    if metric and metric.removeprefix("eval_") not in known:
-        raise UserError(
-            f"{source}: training.metric_for_best_model: '{metric}' is not a metric of task "
-            f"'{task.name}'{did_you_mean(metric, known)}; expected one of {', '.join(sorted(known))}"
-        )
-    return resolved
-
-
 # ---------------------------------------------------------------- the whole config
 
 
@@ -371,6 +223,11 @@ def _resolve_task(dataset: DatasetConfig, source: str) -> Task:
     return custom_task(Path(dataset.train_file).stem, tuple(dataset.text_column), tuple(dataset.label_names))
 
 
+def _absolute(path: str | None) -> str | None:
+    """A local path as an absolute one: the saved config must not depend on where the run started."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
 def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for key in raw:
@@ -378,13 +235,17 @@ def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
             raise UserError(
                 f"{source}: unknown section '{key}'{did_you_mean(key, SECTIONS)}; expected {', '.join(SECTIONS)}"
             )
-    model = _check_section("model", raw.get("model"), ModelConfig, source)
+    model = check_section("model", raw.get("model"), ModelConfig, source)
     if not model.name_or_path:
         raise UserError(f"{source}: model.name_or_path is missing (a hub id such as Qwen/Qwen2.5-1.5B, or a folder)")
     if model.pooling not in POOLINGS:
         raise UserError(f"{source}: model.pooling: {model.pooling!r} is not valid; expected null (the model's own) or mean")
-    dataset = _check_section("dataset", raw.get("dataset"), DatasetConfig, source)
-    peft = methods.parse(raw.get("peft"), source, check=_check_section)
+    if is_local_path(model.name_or_path):
+        model.name_or_path = _absolute(model.name_or_path)
+    if model.gguf_file and os.path.exists(os.path.expanduser(model.gguf_file)):
+        model.gguf_file = _absolute(model.gguf_file)
+    dataset = check_section("dataset", raw.get("dataset"), DatasetConfig, source)
+    peft = methods.parse(raw.get("peft"), source)
     task = _resolve_task(dataset, source)
     if len(task.text_columns) not in (1, 2):
         raise UserError(f"{source}: dataset.text_column: expected one or two columns, got {list(task.text_columns)}")
@@ -398,26 +259,22 @@ def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     model.num_labels = dataset.num_labels = task.num_labels
     if not dataset.data_dir and not dataset.train_file and os.environ.get(GLUE_DIR_ENV):
         dataset.data_dir = os.environ[GLUE_DIR_ENV]  # recorded, so the resolved config says where data came from
+    for key in _PATH_KEYS:
+        setattr(dataset, key, _absolute(getattr(dataset, key)))
     dataset.text_column = list(task.text_columns)
     for key in ("max_length", "max_train_samples", "max_eval_samples", "pad_to_multiple_of"):
         value = getattr(dataset, key)
         if value is not None and value < 1:
             raise UserError(f"{source}: dataset.{key}: {value} is not valid; expected a positive integer")
 
-    training = _check_training(raw.get("training"), source, task, Path(source).stem)
-    config = RunConfig(model=model, dataset=dataset, peft=peft, training=training, source=source, task=task)
-    check_training_arguments(config)
-    return config
-
-
-def check_training_arguments(config: RunConfig) -> None:
-    """Let TrainingArguments itself judge the combination of values, before any model loads."""
-    from .training import training_arguments  # local: training imports this module
-
-    try:
-        training_arguments(config, quiet=True)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"{config.source}: training: {one_line(err)}") from None
+    training_raw = raw.get("training")
+    control_raw = arguments.split_control(training_raw) if isinstance(training_raw, dict) else {}
+    training = arguments.resolve_training(training_raw, source, task, Path(source).stem)
+    arguments.check_trainer_kwargs(arguments.trainer_kwargs(training, task), source)
+    control = RunControl(resume=control_raw.get("resume_from_checkpoint"),
+                         overwrite=bool(control_raw.get("overwrite_output_dir")))
+    return RunConfig(model=model, dataset=dataset, peft=peft, training=training, source=source, task=task,
+                     control=control)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
@@ -427,7 +284,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def save_config(config: RunConfig, folder: str | os.PathLike) -> Path:
-    from .io import atomic_write_text
+    from .files import atomic_write_text
 
     path = Path(folder) / CONFIG_FILENAME
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -437,3 +294,36 @@ def save_config(config: RunConfig, folder: str | os.PathLike) -> Path:
 def load_saved_config(folder: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """The config a run was trained with (its output folder's resolved config)."""
     return load_config(Path(folder) / CONFIG_FILENAME, overrides)
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and prefix == "":
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`section.key (saved -> now)` for every setting that differs, output paths aside."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in OUTPUT_KEYS]
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_same_settings(folder: str | os.PathLike, config: RunConfig, what: str) -> None:
+    """Refuse to continue or reuse the run in `folder` when it was made with other settings."""
+    path = Path(folder) / CONFIG_FILENAME
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    differences = setting_differences(saved, config.to_dict())
+    if differences:
+        shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+        raise UserError(
+            f"{what}: {folder} holds a run made with other settings: {shown}. Use the same settings, "
+            "--overwrite to start it over, or another training.output_dir"
+        )

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import GLUE_DIR_ENV, DatasetConfig, RunConfig
 from .errors import UserError, one_line
+from .files import cache_dir
 from .tasks import Task
 
 logger = logging.getLogger("gluetune")
@@ -30,17 +31,8 @@ UNLABELED = -1
 
 
 def glue_dir(dataset: DatasetConfig) -> Path | None:
-    """The local GLUE folder (config.resolve_data_dir already folded GLUE_DIR into data_dir)."""
+    """The local GLUE folder (config.build_config already folded GLUE_DIR into data_dir)."""
     return Path(dataset.data_dir).expanduser() if dataset.data_dir else None
-
-
-def describe_source(dataset: DatasetConfig) -> str:
-    if dataset.train_file or dataset.validation_file or dataset.test_file:
-        return "files " + ", ".join(f for f in (dataset.train_file, dataset.validation_file, dataset.test_file) if f)
-    folder = glue_dir(dataset)
-    if folder:
-        return f"local GLUE folder {folder}"
-    return f"hub dataset {dataset.name} ({dataset.subset})"
 
 
 def source_files(config: RunConfig, splits: list[str]) -> list[Path]:
@@ -339,8 +331,11 @@ def tokenize(ds, tokenizer, task: Task, max_length: int, split: str, cache: bool
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
             return enc
 
+        # new_fingerprint: our cache key already names the tokenizer; without it datasets hashes
+        # the whole tokenizer object (seconds for Qwen's) to fingerprint the result.
         out = ds.map(encode, batched=True, batch_size=2048, remove_columns=list(task.text_columns),
-                     desc=f"Tokenizing {split}", load_from_cache_file=False)
+                     desc=f"Tokenizing {split}", load_from_cache_file=False,
+                     new_fingerprint=folder.name if folder is not None else None)
         if folder is not None:
             out = _store_in_cache(out, folder, truncated)
     if truncated:
@@ -350,7 +345,6 @@ def tokenize(ds, tokenizer, task: Task, max_length: int, split: str, cache: bool
 
 
 _CACHE_META = "gluetune_tokenized.json"
-CACHE_DIR_ENV = "GLUETUNE_CACHE_DIR"  # default ~/.cache/gluetune
 
 
 def _token_cache_folder(ds, tokenizer, task: Task, max_length: int) -> Path | None:
@@ -367,8 +361,27 @@ def _token_cache_folder(ds, tokenizer, task: Task, max_length: int) -> Path | No
                  str(task.text_columns), str(max_length), PAIR_SEPARATOR, str(is_pair_template_tokenizer(tokenizer))):
         key.update(part.encode("utf-8", "surrogatepass"))
         key.update(b"\0")
-    root = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "gluetune").expanduser()
-    return root / "tokenized" / key.hexdigest()[:32]
+    return cache_root() / key.hexdigest()[:32]
+
+
+def cache_root() -> Path:
+    """Where tokenized splits are cached: $GLUETUNE_CACHE_DIR/tokenized (default ~/.cache/gluetune)."""
+    return cache_dir("tokenized")
+
+
+def tokenization_cache(clear: bool = False) -> tuple[Path, int, int]:
+    """(the cache folder, how many cached splits, their size in bytes), emptied first if `clear`
+    (the size reported is then what was freed). Entries are never evicted on their own: a
+    split is a few MB (MNLI's train split: ~150 MB)."""
+    import shutil
+
+    root = cache_root()
+    entries = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    size = sum(f.stat().st_size for entry in entries for f in entry.rglob("*") if f.is_file())
+    if clear:
+        for entry in entries:
+            shutil.rmtree(entry, ignore_errors=True)
+    return root, len(entries), size
 
 
 _ENCODING_VERSION = "1"  # bump when encode_texts changes what it produces

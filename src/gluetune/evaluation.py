@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metrics import task_score
-from .prediction import evaluate_folder
+from . import data
+from .config import RunConfig
+from .metrics import task_metrics, task_score
+from .prediction import Classifier
 from .tasks import GLUE_TASKS, Task
 
 
@@ -19,6 +21,18 @@ class TaskResult:
     @property
     def score(self) -> float:
         return task_score(self.task, self.splits)
+
+
+def evaluate_folder(folder: str | Path, overrides: list[str] | None = None, batch_size: int = 64) -> tuple[RunConfig, dict]:
+    """Validation metrics of a trained folder, computed afresh: {split: {metric: value}}."""
+    classifier = Classifier.from_folder(folder, overrides=overrides, batch_size=batch_size)
+    config = classifier.config
+    results = {}
+    splits = list(config.task.validation_splits)
+    for split, ds in data.load_splits(config, splits).items():
+        texts = list(zip(*(ds[c] for c in config.task.text_columns)))
+        results[split] = task_metrics(config.task, ds["label"], classifier.logits(texts))
+    return config, results
 
 
 def evaluate_folders(folders: list[str | Path], overrides: list[str] | None = None, batch_size: int = 64) -> list[TaskResult]:

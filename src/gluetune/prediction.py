@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, methods, models, rundir
+from . import data, methods, models, progress, rundir
 from .config import CONFIG_FILENAME, RunConfig, load_saved_config
 from .errors import UserError
 
@@ -94,8 +94,9 @@ class Classifier:
         order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
         device = next(self.model.parameters()).device
         out = np.zeros((len(texts), self.task.num_labels), dtype=np.float32)
+        starts = range(0, len(order), self.batch_size)
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
+            for start in progress.bar(starts, total=len(starts), desc="predict", unit="batch"):
                 rows = order[start : start + self.batch_size]
                 batch = collate([{k: enc[k][i] for k in keys} for i in rows])
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -103,7 +104,9 @@ class Classifier:
                     out[rows] = self.model(**batch).logits.float().cpu().numpy()
         return out
 
-    def predict(self, texts: list[tuple[str, ...]]) -> list[Prediction]:
+    def predict(self, texts: list[str | tuple[str, ...]]) -> list[Prediction]:
+        """Label and probability for each text (a string, or a tuple of two for pair tasks)."""
+        texts = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
         for i, text in enumerate(texts):
             if len(text) != len(self.task.text_columns):
                 raise UserError(f"input {i + 1}: expected {len(self.task.text_columns)} text(s) ({', '.join(self.task.text_columns)})")
@@ -122,7 +125,7 @@ def write_predictions(path: str | Path, texts: list[tuple[str, ...]], prediction
     """Predictions beside their inputs: JSON Lines for .jsonl, CSV for .csv, TSV otherwise."""
     import io
 
-    from .io import atomic_write_text
+    from .files import atomic_write_text
 
     rows = []
     for i, (text, p) in enumerate(zip(texts, predictions)):
@@ -141,17 +144,3 @@ def write_predictions(path: str | Path, texts: list[tuple[str, ...]], prediction
         writer.writerows(rows)
         text = buffer.getvalue()
     atomic_write_text(path, text)
-
-
-def evaluate_folder(folder: str | Path, overrides: list[str] | None = None, batch_size: int = 64) -> tuple[RunConfig, dict]:
-    """Validation metrics of a trained folder, computed afresh: {split: {metric: value}}."""
-    from .metrics import task_metrics
-
-    classifier = Classifier.from_folder(folder, overrides=overrides, batch_size=batch_size)
-    config = classifier.config
-    results = {}
-    splits = list(config.task.validation_splits)
-    for split, ds in data.load_splits(config, splits).items():
-        texts = list(zip(*(ds[c] for c in config.task.text_columns)))
-        results[split] = task_metrics(config.task, ds["label"], classifier.logits(texts))
-    return config, results

@@ -8,7 +8,6 @@ A run counts as finished once `metrics.json` exists; it is written last, atomica
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from .errors import UserError
 logger = logging.getLogger("gluetune")
 
 LOCK_FILENAME = ".gluetune.lock"
+OWNER_FILENAME = ".gluetune.lock.owner"  # who holds the lock
+LOCK_FILES = (LOCK_FILENAME, OWNER_FILENAME)
 METRICS_FILENAME = "metrics.json"  # written last: its presence means the run finished
 RECORD_FILENAME = "run_record.json"  # how to reproduce the run: command, seed, versions, data hashes
 RECORDED_PACKAGES = ("gluetune", "torch", "transformers", "peft", "datasets", "accelerate", "tokenizers", "numpy",
@@ -31,41 +32,44 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class OutputDirLock:
-    """An exclusive lock on an output folder for the life of this process.
+    """An exclusive lock on an output folder for the life of this process (the main one, in a
+    multi-process run).
 
-    `flock` is released by the kernel when its holder dies, even by SIGKILL, so a stale lock file
-    left by a dead run never blocks the next one.
+    `filelock` (fcntl on POSIX, LockFileEx on Windows) is released by the kernel when its holder
+    dies, even by SIGKILL, so a stale lock file left by a dead run never blocks the next one. Who
+    holds it is written beside it, for the refusal message.
     """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_FILENAME
-        self._file = None
+        self.owner_path = Path(folder) / OWNER_FILENAME
+        self._lock = None
 
     def acquire(self) -> OutputDirLock:
+        from filelock import FileLock, Timeout
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        lock = FileLock(str(self.path), timeout=0)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+            lock.acquire()
+        except Timeout:
+            try:
+                holder = self.owner_path.read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
             raise UserError(
                 f"output folder {self.path.parent} is in use by another run ({holder}); "
                 "wait for it, or choose another training.output_dir"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        self._file = handle
+        self.owner_path.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._lock = lock
         return self
 
     def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        if self._lock is not None:
+            self.owner_path.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> OutputDirLock:
         return self.acquire()
@@ -102,11 +106,6 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / METRICS_FILENAME).is_file()
 
 
-def primary_values(metrics: dict) -> dict:
-    """The validation metrics that select the best checkpoint (MNLI: the matched split)."""
-    return metrics[metrics["primary_split"]]
-
-
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
     (the resolved config sits beside it). A resumed run appends its command."""
@@ -115,7 +114,7 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
     import time
     from importlib.metadata import PackageNotFoundError, version
 
-    from .io import atomic_write_json, sha256_of
+    from .files import atomic_write_json, sha256_of
 
     path = Path(folder) / RECORD_FILENAME
     previous = json.loads(path.read_text()) if resumed_from is not None and path.is_file() else {}
@@ -139,16 +138,20 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
     })
 
 
-def read_metrics(folder: Path) -> dict:
-    path = Path(folder) / METRICS_FILENAME
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read the run's metrics ({err})") from None
+def remove_if_unused(folder: Path, created: bool) -> None:
+    """After a run that stopped before writing its config (a refused or failed start): take away
+    its lock files, and the folder itself if this run created it and it is empty."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / CONFIG_FILENAME).exists():
+        return
+    for name in LOCK_FILES:
+        (folder / name).unlink(missing_ok=True)
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _contents(folder: Path) -> list[str]:
-    return sorted(p.name for p in Path(folder).iterdir() if p.name != LOCK_FILENAME) if Path(folder).is_dir() else []
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in LOCK_FILES) if Path(folder).is_dir() else []
 
 
 def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:

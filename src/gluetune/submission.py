@@ -19,7 +19,7 @@ import numpy as np
 from . import data
 from .config import CONFIG_FILENAME
 from .errors import UserError
-from .io import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 from .prediction import Classifier, saved_config
 from .tasks import GLUE_TASKS, Task
 

