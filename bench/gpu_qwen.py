@@ -8,7 +8,12 @@ process: gluetune from configs/glue_cola_qwen.yaml, and the plain Trainer + PEFT
 (dynamic padding, fp32 weights under bf16 autocast, as run_glue.py loads them).
 
     python bench/gpu_qwen.py                 # on a CUDA machine (10 epochs: ~14 min per contender on an H200)
+    python bench/gpu_qwen.py --fast --skip_gluetune --skip_baseline   # the fast path alone, cold then warm
     python bench/gpu_qwen.py --smoke         # the same pipeline on a tiny model, on any machine
+
+`--fast` adds gluetune with `training.fast_path=true`, timed twice: cold (an empty compile cache,
+compilation included) and warm (the cache the cold run filled). `--set section.key=value` passes
+overrides to every gluetune contender, to compare the fast path's leads one at a time.
 
 Without CUDA (and without --smoke) it says so and exits 0. The device machine has no ../shared and
 no internet: bench/gpu_device.sh stages the data, assets and pinned wheels, and runs this there.
@@ -77,6 +82,8 @@ def cola_real_tokens(glue_dir: Path, tokenizer_path: Path, epochs: float, smoke:
 
 
 def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_overrides: list[str], smoke: bool) -> dict:
+    import torch
+
     sys.path.insert(0, str(ROOT / "src"))
     from gluetune.config import load_config
     from gluetune.training import train
@@ -85,6 +92,8 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_ov
                  f"training.num_train_epochs={epochs}", *extra_overrides]
     if smoke:
         overrides.append(f"dataset.max_train_samples={SMOKE_EXAMPLES}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     metrics = train(load_config(CONFIG, overrides)).metrics
     wall = metrics["train"]["runtime_s"]
     tokens = cola_real_tokens(glue_dir, model, epochs, smoke)
@@ -162,10 +171,12 @@ def child(args) -> None:
     model, glue_dir = Path(args.model), Path(args.glue_dir)
     if args.contender == "baseline":
         report = run_baseline(model, glue_dir, out, args.epochs, args.smoke)
+    elif args.contender.startswith("gluetune-fast"):
+        report = run_gluetune(model, glue_dir, out, args.epochs, ["training.fast_path=true", *args.overrides], args.smoke)
     elif args.contender == "gluetune-compile":
-        report = run_gluetune(model, glue_dir, out, args.epochs, ["training.torch_compile=true"], args.smoke)
+        report = run_gluetune(model, glue_dir, out, args.epochs, ["training.torch_compile=true", *args.overrides], args.smoke)
     else:
-        report = run_gluetune(model, glue_dir, out, args.epochs, [], args.smoke)
+        report = run_gluetune(model, glue_dir, out, args.epochs, list(args.overrides), args.smoke)
     print(json.dumps(report))
 
 
@@ -178,6 +189,9 @@ def main() -> None:
     parser.add_argument("--skip_baseline", action="store_true")
     parser.add_argument("--skip_gluetune", action="store_true", help="time the plain Trainer + PEFT baseline alone")
     parser.add_argument("--compile", action="store_true", help="also time gluetune with training.torch_compile=true")
+    parser.add_argument("--fast", action="store_true", help="also time the fast path (training.fast_path=true), cold and warm")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="an override for every gluetune contender, repeatable")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 256 examples: checks the script, any device")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -195,8 +209,10 @@ def main() -> None:
     print(f"device: {device}; torch {torch.__version__}; model shapes: {Path(args.model_config).name}"
           f"{' shrunk (smoke)' if args.smoke else ''}; epochs: {args.epochs:g}", flush=True)
     contenders = (([] if args.skip_gluetune else ["gluetune"]) + (["gluetune-compile"] if args.compile else [])
+                  + (["gluetune-fast (cold)", "gluetune-fast (warm)"] if args.fast else [])
                   + ([] if args.skip_baseline else ["baseline"]))
     with tempfile.TemporaryDirectory() as tmp:
+        compile_cache = Path(tmp) / "inductor-cache"  # empty for the cold run, filled for the warm one
         model = Path(tmp) / "model"
         started = time.perf_counter()
         build_random_model(Path(args.model_config), Path(args.tokenizer), model, args.smoke)
@@ -204,15 +220,17 @@ def main() -> None:
         for name in contenders:
             cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
                    "--epochs", str(args.epochs)] + (["--smoke"] if args.smoke else [])
+            cmd += [arg for item in args.overrides for arg in ("--set", item)]
             # keep the caller's PYTHONPATH (packages carried onto a device machine live there)
             pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-            env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}
+            env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
+                   "TORCHINDUCTOR_CACHE_DIR": str(compile_cache), "TRITON_CACHE_DIR": str(compile_cache / "triton")}
             result = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if result.returncode != 0:
                 print(f"{name}: failed\n{result.stderr[-3000:]}", flush=True)
                 continue
             r = json.loads(result.stdout.strip().splitlines()[-1])
-            print(f"{name:17s} wall_s={r['wall_s']:.1f} steps/s={r['steps_per_s']:.2f} "
+            print(f"{name:21s} wall_s={r['wall_s']:.1f} steps/s={r['steps_per_s']:.2f} "
                   f"real_tokens/s={r['real_tokens_per_s']:.0f} peak_gpu_gb={r['peak_gpu_gb']:.2f} "
                   f"(reserved {r['peak_gpu_reserved_gb']:.2f}) mcc={r['mcc']:.4f}", flush=True)
 

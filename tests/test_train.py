@@ -61,7 +61,21 @@ def test_cli_run_logs_to_tensorboard(cli_run):
     out, _ = cli_run
     tags = scalar_tags(out / "logs")
     assert {"train/loss", "eval/matthews_correlation", "eval/accuracy", "train/learning_rate"} <= tags
+    # the final metrics in the run's own event file, under their own tag
+    assert {"final/matthews_correlation", "final/accuracy"} <= tags and not any("final_" in t for t in tags)
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
     assert not (out / "runs").exists()
+
+
+def test_cli_run_prints_aligned_epochs_and_names_the_best_epoch(cli_run):
+    out, result = cli_run
+    epochs = [line for line in result.stderr.splitlines() if "validation | loss" in line]
+    assert len(epochs) == 2 and all(" | matthews_correlation " in line for line in epochs)
+    assert [line.index("| matthews_correlation") for line in epochs][0] == epochs[1].index("| matthews_correlation")
+    metrics = json.loads((out / "metrics.json").read_text())
+    closing = f"best epoch {metrics['best_epoch']:g} ({metrics['best_checkpoint']}): validation matthews_correlation"
+    assert closing in result.stderr
+    assert "{'loss'" not in result.stderr and "'eval_loss'" not in result.stderr  # no raw dicts
 
 
 def test_best_checkpoint_is_the_one_saved(cli_run):
@@ -80,6 +94,16 @@ def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
     metrics = json.loads((out / "metrics.json").read_text())["validation"]
     mcc = f"{metrics['matthews_correlation']:.4f}"
     assert printed.splitlines()[1].split() == ["cola", "matthews_correlation", mcc, mcc, str(out)]
+    # the logits themselves, not only a score a degenerate model would also reproduce
+    from gluetune.evaluation import evaluate_folder
+    from gluetune.prediction import Classifier
+
+    config, results = evaluate_folder(out)
+    assert results["validation"]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+    saved = [json.loads(line) for line in (out / "validation_predictions.jsonl").read_text().splitlines()]
+    dev = read_glue_split(GLUE_DIR, get_task("cola"), "validation").select(range(48))
+    recomputed = Classifier.from_folder(out).logits([(s,) for s in dev["sentence"]])
+    np.testing.assert_allclose(recomputed, [r["logits"] for r in sorted(saved, key=lambda r: r["idx"])], atol=1e-5)
 
 
 def test_inference_script_prints_label_and_probability(cli_run):
@@ -119,9 +143,19 @@ def test_reloaded_folder_predicts_what_training_ended_with(tiny_qwen, tmp_path):
 
 
 def test_gradient_checkpointing_trains_with_lora(tiny_qwen, tmp_path):
-    overrides = tiny_overrides(tiny_qwen, tmp_path / "gc", train=32, evals=16) + ["training.gradient_checkpointing=true"]
-    metrics = train(load_config(REFERENCE_CONFIG, overrides)).metrics
-    assert np.isfinite(metrics["train"]["loss"])
+    """With checkpointed blocks the LoRA weights must still get gradients (lora_B starts at zero and
+    moves only if they do), and train as without checkpointing."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name, extra in (("gc", ["training.gradient_checkpointing=true"]), ("plain", [])):
+        overrides = tiny_overrides(tiny_qwen, tmp_path / name, train=32, evals=16) + ["peft.lora_dropout=0", *extra]
+        train(load_config(REFERENCE_CONFIG, overrides))
+        weights[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    lora_b = [k for k in weights["gc"] if "lora_B" in k]
+    assert lora_b and all(weights["gc"][k].abs().max() > 0 for k in lora_b)
+    for key, value in weights["plain"].items():
+        np.testing.assert_allclose(weights["gc"][key].numpy(), value.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_training_is_deterministic_on_cpu(tiny_qwen, tmp_path):

@@ -4,7 +4,6 @@ optimizer, precision fallbacks, reporters, and no process-wide side effects from
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
@@ -13,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, run_cli, tiny_overrides
+from conftest import (
+    REFERENCE_CONFIG,
+    ROOT,
+    as_set_args,
+    assert_one_line_error,
+    run_cli,
+    tiny_overrides,
+)
 
 from gluetune import training
 from gluetune.config import load_config
@@ -38,7 +44,7 @@ def write_learnable_task(folder, seed: int = 0) -> list[str]:
             lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) + (" good" if y else " bad")
                          + f",{label}")
         (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
-    return [f"model.name_or_path=PLACEHOLDER", "dataset.subset=null", "dataset.num_labels=null",
+    return ["model.name_or_path=PLACEHOLDER", "dataset.subset=null", "dataset.num_labels=null",
             "dataset.text_column=[text]", "dataset.label_names=[bad, good]", f"dataset.train_file={folder / 'train.csv'}",
             f"dataset.validation_file={folder / 'dev.csv'}", "training.num_train_epochs=4", "training.learning_rate=3e-3",
             "training.save_total_limit=null"]

@@ -48,9 +48,8 @@ def _duration(seconds: float) -> str:
 class ConsoleProgress(TrainerCallback):
     """Replaces the Trainer's ProgressCallback / PrinterCallback (which print raw dicts of strings)."""
 
-    def __init__(self, metric_names: list[str], primary: str):
+    def __init__(self, metric_names: list[str]):
         self.metric_names = metric_names  # the task's metrics, in the order they are shown
-        self.primary = primary
         self.bars = interactive()
         self.training_bar = None
         self.eval_bar = None

@@ -118,6 +118,11 @@ def converted_gguf_folder(path: Path, model: ModelConfig) -> str:
                                                       trust_remote_code=model.trust_remote_code)
     except (ValueError, KeyError, OSError, NotImplementedError) as err:
         raise UserError(f"model.gguf_file {path.name}: transformers cannot load it: {one_line(err)}") from None
+    # The weights are dequantized fp32 tensors by now; what is left is transformers' GGUF marker,
+    # which makes save_pretrained refuse ("quantized with gguf and not serializable").
+    causal.hf_quantizer = None
+    if hasattr(causal.config, "quantization_config"):
+        del causal.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:

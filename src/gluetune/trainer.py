@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
@@ -76,6 +76,14 @@ class GluetuneTrainer(Trainer):
         if dealer is not batches and getattr(dealer, "batch_sampler", None) is batches:
             dealer.num_processes, dealer.process_index = 1, 0
         return loader
+
+    def _get_eval_sampler(self, eval_dataset):
+        # In order: gluetune's evaluation sets are sorted by length already (little padding), and
+        # predictions must come back in the set's order. transformers 5 would draw a random
+        # length-grouped order for them whenever training groups by length.
+        if self.args.world_size > 1:
+            return None  # accelerate deals out consecutive batches and gathers them back in order
+        return SequentialSampler(eval_dataset)
 
     # ---------------------------------------------------------------- loss
 

@@ -19,8 +19,26 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
-from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
+from . import (
+    arguments,
+    card,
+    data,
+    distributed,
+    fastpath,
+    hub,
+    methods,
+    metrics,
+    models,
+    report,
+    rundir,
+)
+from .callbacks import (
+    CompleteLossLog,
+    GracefulStop,
+    LossWatch,
+    RunTensorBoard,
+    SingleClassWarning,
+)
 from .config import RunConfig, check_same_settings, save_config
 from .errors import RunInterrupted, UserError
 from .files import atomic_write_json, atomic_write_text
@@ -163,10 +181,11 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     task, output_dir = config.task, config.output_dir
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
 
-    tokenizer = models.load_tokenizer(config.model)
     # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
     dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
-    model = models.load_classifier(config.model, task, tokenizer.pad_token_id, dtype=dtype)
+    with args.main_process_first(desc="fetching the model"):  # one download or GGUF conversion, then the cache
+        tokenizer = models.load_tokenizer(config.model)
+        model = models.load_classifier(config.model, task, tokenizer.pad_token_id, dtype=dtype)
     model = models.make_trainable(model, config)
     if distributed.is_main_process():
         logger.info("%s", models.describe_parameters(model))
@@ -190,7 +209,7 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     _, tensorboard = reporting(config.training.get("report_to"))
     board = RunTensorBoard(config.training["logging_dir"]) if tensorboard else None
     callbacks = [c for c in (board, stop, CompleteLossLog(), watch,
-                             ConsoleProgress(list(task.metrics), task.primary_metric), SingleClassWarning()) if c]
+                             ConsoleProgress(list(task.metrics)), SingleClassWarning()) if c]
     trainer = GluetuneTrainer(
         model=model,
         args=args,

@@ -29,7 +29,9 @@ def _type_name(tp: Any) -> str:
             args = [a for a in args if a is not str]
         return " or ".join(_type_name(a) for a in args)
     if origin in (list, tuple):
-        return "a list"
+        items = {int: "integers", str: "strings", float: "numbers", bool: "true/false values"}
+        (item, *_) = typing.get_args(tp) or (None,)
+        return f"a list of {items[item]}" if item in items else "a list"
     if origin is dict or tp is dict:
         return "a mapping"
     if tp is type(None):
@@ -92,7 +94,9 @@ def check_value(where: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     wants_list = origin in (list, tuple) or any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(tp))
     if wants_list and isinstance(value, str) and not _matches(value, tp):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+        as_list = [v.strip() for v in value.split(",") if v.strip()]
+        if _matches(as_list, tp):
+            return as_list
     if _matches(value, tp):
         return value
     choices = _enum_choices(tp)

@@ -1,0 +1,109 @@
+"""The command line as a new user meets it: fast errors, honest options, help that names the script,
+the peft section passed through, the tokenization cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import (
+    GLUE_DIR,
+    REFERENCE_CONFIG,
+    ROOT,
+    as_set_args,
+    assert_one_line_error,
+    run_cli,
+    tiny_overrides,
+)
+
+from gluetune import models
+from gluetune.config import load_config
+from gluetune.errors import UserError
+from gluetune.training import train
+
+
+def test_a_missing_config_is_reported_before_torch_loads():
+    code = ("import sys; from gluetune.cli import main; code = main(['train', '--config', 'nope.yaml']); "
+            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr[-2000:]
+    assert "config file not found: nope.yaml" in result.stderr
+
+
+def test_entry_scripts_name_themselves_in_their_help():
+    for script, words in (("inference.py", ["--model_path", "--batch_size", "texts per forward pass"]),
+                          ("train.py", ["--config", "--resume"])):
+        result = run_cli(script, "--help")
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}"), result.stdout[:300]
+        assert all(word in result.stdout for word in words)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_qwen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16)))
+    return out
+
+
+def test_predict_honours_set_and_refuses_what_does_not_apply(tiny_run, capsys):
+    from gluetune.cli import main
+
+    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "A fine sentence.",
+                 "--set", "dataset.max_length=2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("label=") and "truncated" in captured.err  # the override reached prediction
+    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "x", "--set", "bogus.key=1"]) == 2
+    assert "unknown section 'bogus'" in capsys.readouterr().err
+    sst2 = ["--config", str(ROOT / "configs" / "glue_sst2_qwen.yaml")]
+    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "x", *sst2]) == 2
+    assert "is for task 'sst2'" in capsys.readouterr().err
+    # the usage document's command: the run's own config beside its folder
+    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "x", "--config", str(REFERENCE_CONFIG)]) == 0
+
+
+def test_a_failed_start_leaves_no_folder_behind(tiny_qwen, tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\nfine\t1\nbad\t5\n")
+    (tmp_path / "dev.tsv").write_text("text\tlabel\nok\t0\n")
+    out = tmp_path / "out"
+    overrides = [f"model.name_or_path={tiny_qwen}", "dataset.subset=null", "dataset.text_column=[text]",
+                 "dataset.num_labels=null", "dataset.label_names=[neg, pos]", f"dataset.train_file={tmp_path / 'train.tsv'}",
+                 f"dataset.validation_file={tmp_path / 'dev.tsv'}", f"training.output_dir={out}"]
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    assert_one_line_error(result, "train.tsv:3", "label '5'")
+    assert not out.exists()
+
+
+def test_the_peft_section_passes_lora_config_through(tiny_qwen):
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "peft.rank_pattern={q_proj: 16}",
+                                            "peft.layers_to_transform=[0]", "peft.init_lora_weights=gaussian"])
+    assert config.to_dict()["peft"]["rank_pattern"] == {"q_proj": 16} and config.peft.lora_r == 8
+    model = models.make_trainable(models.load_classifier(config.model, config.task, 0), config)
+    ranks = {name: module.r["default"] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert ranks and all(".layers.0." in name for name in ranks)  # layer 1 untouched
+    assert {name.rsplit(".", 1)[-1]: r for name, r in ranks.items()} == {"q_proj": 16, "k_proj": 8, "v_proj": 8, "o_proj": 8}
+    with pytest.raises(UserError, match=r"peft.rank_patern.*did you mean 'rank_pattern'"):
+        load_config(REFERENCE_CONFIG, ["peft.rank_patern={q_proj: 16}"])
+    with pytest.raises(UserError, match=r"peft.layers_to_transform: 'first'"):
+        load_config(REFERENCE_CONFIG, ["peft.layers_to_transform=first"])
+    with pytest.raises(UserError, match=r"peft.r and peft.lora_r name the same setting"):
+        load_config(REFERENCE_CONFIG, ["peft.r=4"])
+
+
+def test_relative_data_paths_are_saved_absolute(tiny_qwen, tmp_path, monkeypatch):
+    monkeypatch.chdir(GLUE_DIR.parent)
+    config = load_config(REFERENCE_CONFIG, ["dataset.data_dir=glue", f"model.name_or_path={tiny_qwen}"])
+    assert config.dataset.data_dir == str(GLUE_DIR)
+
+
+def test_cache_command_shows_and_clears_the_tokenization_cache(tmp_path, capsys, monkeypatch):
+    from gluetune.cli import main
+
+    monkeypatch.setenv("GLUETUNE_CACHE_DIR", str(tmp_path))
+    (tmp_path / "tokenized" / "abc").mkdir(parents=True)
+    (tmp_path / "tokenized" / "abc" / "data.arrow").write_bytes(b"x" * 2048)
+    assert main(["cache"]) == 0
+    assert "1 cached split(s)" in capsys.readouterr().out
+    assert main(["cache", "--clear"]) == 0
+    assert "cleared 1 cached split(s)" in capsys.readouterr().out
+    assert not any((tmp_path / "tokenized").iterdir())

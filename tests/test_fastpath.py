@@ -1,0 +1,110 @@
+"""The GPU fast path's pieces, on the CPU: padded length buckets with filler rows that change nothing,
+every example once per epoch, one micro-batch per step in place of accumulation, the compiled layers,
+and the same losses as the plain path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REFERENCE_CONFIG, tiny_overrides
+
+from gluetune import data, fastpath, metrics, models, training
+from gluetune.config import load_config
+from gluetune.trainer import GluetuneTrainer
+from gluetune.training import train
+
+SIZE = dict(train=96, evals=48, epochs=2)
+
+
+def trainer_for(tiny_qwen, tmp_path, *extra: str):
+    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "run", **SIZE)
+                         + ["peft.lora_dropout=0", "training.report_to=none", *extra])
+    args = training.training_arguments(config, quiet=True)
+    torch.manual_seed(0)
+    tokenizer = models.load_tokenizer(config.model)
+    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    train_set = data.tokenize(data.load_splits(config, ["train"])["train"], tokenizer, config.task, 128, "train")
+    trainer = GluetuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
+                              data_collator=fastpath.collator(config, tokenizer, args, False),
+                              train_collator=fastpath.collator(config, tokenizer, args, False, training=True),
+                              compute_metrics=metrics.trainer_metrics_fn(config.task))
+    return config, trainer, train_set
+
+
+def test_buckets_and_filler_rows(tiny_qwen, tmp_path):
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true")
+    collate = trainer.train_collator
+    features = [{"input_ids": train_set[i]["input_ids"], "attention_mask": train_set[i]["attention_mask"],
+                 "labels": train_set[i]["label"]} for i in range(5)]
+    batch = collate(features)
+    assert batch["input_ids"].shape == (32, 16) and batch["input_ids"].shape[1] % fastpath.BUCKET == 0
+    assert (batch["labels"][5:] == -100).all() and (batch["labels"][:5] != -100).all()
+    assert (batch["attention_mask"][5:].sum(dim=1) == 1).all()  # one attended token: no all-masked row
+
+    # filler rows add no loss and no gradient: the same as the 5 real rows alone
+    model = trainer.model.train()
+    plain = trainer.data_collator(features)
+    losses, grads = [], []
+    for inputs in (plain, batch):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(5))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_an_epoch_on_the_fast_path_uses_every_example_once(tiny_qwen, tmp_path):
+    config, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true",
+                                             "dataset.max_train_samples=83")  # 83 = 2 x 32 + 19: a short last step
+    assert trainer.args.per_device_train_batch_size == 32 and trainer.args.gradient_accumulation_steps == 1
+    assert config.training["per_device_train_batch_size"] == 16  # the config keeps what the user wrote
+    real_lengths, shapes = [], set()
+    for batch in trainer.get_train_dataloader():
+        shapes.add(tuple(batch["input_ids"].shape))
+        real = batch["labels"] != -100
+        real_lengths += batch["attention_mask"][real].sum(dim=1).tolist()
+    assert sorted(real_lengths) == sorted(train_set["length"])  # each example once, none lost
+    assert all(rows == 32 and width % fastpath.BUCKET == 0 for rows, width in shapes)
+
+
+def test_the_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path, monkeypatch):
+    """Same optimizer steps over the same examples: per-step losses and final logits agree to float
+    rounding (1e-4; summation order differs between 16 x 2 and 32 x 1). Compilation is counted here,
+    not run (it costs minutes on 2 cores; the slow test below runs it)."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((type(self).__name__, kwargs)))
+    runs = {}
+    for name, extra in (("plain", []), ("fast", ["training.fast_path=true"])):
+        out = tmp_path / name
+        config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, **SIZE) + ["peft.lora_dropout=0", *extra])
+        runs[name] = (out, train(config).metrics)
+    assert [c[0] for c in compiled] == ["Qwen2DecoderLayer", "Qwen2DecoderLayer"]
+    assert compiled[0][1] == {"mode": None, "dynamic": False}  # CUDA graphs ("reduce-overhead") only on CUDA
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def assert_same_training(a, b, rel: float) -> None:
+    (out_a, metrics_a), (out_b, metrics_b) = a, b
+    losses = [[e["loss"] for e in m["history"]] for m in (metrics_a, metrics_b)]
+    assert losses[0] == pytest.approx(losses[1], rel=rel)
+    assert metrics_a["train"]["loss"] == pytest.approx(metrics_b["train"]["loss"], rel=rel)
+    assert metrics_a["train"]["steps"] == metrics_b["train"]["steps"]
+    logits = [[json.loads(line)["logits"] for line in (o / "validation_predictions.jsonl").read_text().splitlines()]
+              for o in (out_a, out_b)]
+    torch.testing.assert_close(torch.tensor(logits[1]), torch.tensor(logits[0]), rtol=rel, atol=rel)
+
+
+@pytest.mark.slow
+def test_the_compiled_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path):
+    """Regional torch.compile (inductor on the CPU) of the decoder layers: minutes to compile here."""
+    runs = {}
+    for name, extra in (("plain", []), ("fast", ["training.fast_path=true"])):
+        out = tmp_path / name
+        config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, **SIZE) + ["peft.lora_dropout=0", *extra])
+        runs[name] = (out, train(config).metrics)
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
