@@ -6,6 +6,12 @@
 #   bash bench/gpu_device.sh stage-minilm # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
 #   bash bench/gpu_device.sh sweep [ARGS] # there: `gluetune sweep` of the CPU default's config, ARGS added
 #
+# The fast path's measurement (issue "reference run in under a minute"), as two device calls:
+#   stage; run --fast --skip_gluetune --skip_baseline      # 10 epochs, fast path, cold then warm compile
+#          run --epochs 1                                  # one epoch of the plain path and of the baseline
+#   stage-minilm; sweep --seeds 1,2,3,4,5,6,7,8 --jobs 16 --set training.bf16=false \
+#          --grid training.fast_path=false,true --sweep_dir /tmp/sw/fast   # MCC medians with and without it
+#
 # The sweep mode screens settings of the CPU default with many seeds at once (a GPU and 16 cores
 # do in minutes what takes this 2-core machine hours); the CPU default's own figures are then run on
 # the CPU. Its MiniLM travels as fp16 (the carry limit is 64 MiB; fp32 is 87 MiB) and is loaded as

@@ -107,3 +107,40 @@ def test_cache_command_shows_and_clears_the_tokenization_cache(tmp_path, capsys,
     assert main(["cache", "--clear"]) == 0
     assert "cleared 1 cached split(s)" in capsys.readouterr().out
     assert not any((tmp_path / "tokenized").iterdir())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_a_terminal_gets_progress_bars_and_a_log_file_gets_lines(tiny_qwen, tmp_path):
+    """stderr on a terminal (a pty here): tqdm bars for training; redirected to a file: one plain
+    line per logging step and no bar characters."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    overrides = as_set_args(tiny_overrides(tiny_qwen, tmp_path / "tty", train=64, evals=16)
+                            + ["training.logging_steps=1"])
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    process = subprocess.Popen([sys.executable, "train.py", "--config", str(REFERENCE_CONFIG), *overrides], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=300) == 0
+    terminal = b"".join(chunks).decode("utf-8", "replace")
+    assert "train:" in terminal and "step/s" in terminal and "epoch 1.00/1" in terminal, terminal[-2000:]
+    assert "[gluetune] step 1/2" not in terminal  # the bar replaces the per-step lines
+
+    piped = run_cli("train.py", "--config", str(REFERENCE_CONFIG),
+                    *as_set_args(tiny_overrides(tiny_qwen, tmp_path / "log", train=64, evals=16) + ["training.logging_steps=1"]))
+    assert piped.returncode == 0
+    assert "[gluetune] step 1/2 | epoch 0.50 | loss" in piped.stderr and "\r" not in piped.stderr

@@ -33,13 +33,18 @@ def trainer_for(tiny_qwen, tmp_path, *extra: str):
     return config, trainer, train_set
 
 
-def test_buckets_and_filler_rows(tiny_qwen, tmp_path):
-    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true")
+STSB = ["dataset.subset=stsb", "model.num_labels=1", "dataset.num_labels=1", "dataset.text_column=null",
+        "training.metric_for_best_model=null", "training.greater_is_better=null"]
+
+
+@pytest.mark.parametrize("task", ["cola", "stsb"])
+def test_buckets_and_filler_rows(tiny_qwen, tmp_path, task):
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", *(STSB if task == "stsb" else []))
     collate = trainer.train_collator
     features = [{"input_ids": train_set[i]["input_ids"], "attention_mask": train_set[i]["attention_mask"],
                  "labels": train_set[i]["label"]} for i in range(5)]
     batch = collate(features)
-    assert batch["input_ids"].shape == (32, 16) and batch["input_ids"].shape[1] % fastpath.BUCKET == 0
+    assert batch["input_ids"].shape[0] == 32 and batch["input_ids"].shape[1] % fastpath.BUCKET == 0
     assert (batch["labels"][5:] == -100).all() and (batch["labels"][:5] != -100).all()
     assert (batch["attention_mask"][5:].sum(dim=1) == 1).all()  # one attended token: no all-masked row
 

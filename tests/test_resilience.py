@@ -118,6 +118,25 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_
     assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
 
 
+def test_sigterm_mid_epoch_neither_evaluates_nor_saves_again_at_the_epoch_end(tiny_qwen, tmp_path):
+    """With per-epoch evaluation and saving, a stop during epoch 1 (8 steps) leaves one checkpoint
+    and no evaluation of the part-epoch model, which could otherwise become the "best"."""
+    out = tmp_path / "stopped"
+    command = ["train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(tiny_overrides(tiny_qwen, out, **SIZE))]
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stderr:
+        if line.startswith("[gluetune] step 5/32"):
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM
+    (checkpoint,) = out.glob("checkpoint-*")  # the one the stop saved, after the step under way
+    assert checkpoint.name in ("checkpoint-5", "checkpoint-6")
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert not any("eval_loss" in entry for entry in history)
+
+
 def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, uninterrupted):
     out = tmp_path / "torn"
     process = start_training(tiny_qwen, out)

@@ -97,6 +97,9 @@ def test_metric_names_with_a_split_prefix_are_accepted():
     assert trainer_kwargs(plain.training, plain.task)["metric_for_best_model"] == "validation_matched_accuracy"
     with pytest.raises(UserError, match="validation_mismatched_acuracy"):
         load_config(REFERENCE_CONFIG, [*mnli, "training.metric_for_best_model=validation_mismatched_acuracy"])
+    # one validation set: its metrics carry no split name
+    with pytest.raises(UserError, match="'validation_matthews_correlation' is not a metric of task 'cola'"):
+        load_config(REFERENCE_CONFIG, ["training.metric_for_best_model=validation_matthews_correlation"])
 
 
 # ---------------------------------------------------------------- the loss of a step
@@ -130,6 +133,25 @@ def step_gradients(tiny_qwen, tmp_path, micro: int, accumulation: int) -> tuple[
         by_hand = torch.nn.functional.cross_entropy(logits, labels).item()
     assert logged == pytest.approx(by_hand, rel=1e-5)
     return grads, logged, examples
+
+
+def test_label_smoothing_is_applied_to_the_step_loss(tiny_qwen, tmp_path):
+    from gluetune import models
+    from gluetune.trainer import GluetuneTrainer
+
+    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "ls") + [
+        "training.label_smoothing_factor=0.2", "training.report_to=none", "training.eval_strategy=no",
+        "training.save_strategy=no", "training.load_best_model_at_end=false"])
+    tokenizer = models.load_tokenizer(config.model)
+    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    trainer = GluetuneTrainer(model=model, args=training.training_arguments(config, quiet=True))
+    inputs = dict(tokenizer(["One.", "Two words here."], padding=True, return_tensors="pt"), labels=torch.tensor([0, 1]))
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(2))
+    expected = torch.nn.functional.cross_entropy(logits, inputs["labels"], label_smoothing=0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, inputs["labels"]).item(), rel=1e-3)
 
 
 def test_accumulation_gives_the_gradients_of_one_big_batch(tiny_qwen, tmp_path):
@@ -255,7 +277,7 @@ def test_push_to_hub_uploads_the_finished_folder_once(tiny_qwen, tmp_path, monke
     calls = []
 
     class Recorder:
-        def whoami(self, token=None):
+        def whoami(self):
             calls.append(("whoami",))
             return {"name": "me"}
 
@@ -284,3 +306,8 @@ def test_push_to_hub_offline_fails_before_training(tiny_qwen, tmp_path, monkeypa
         train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16)
                           + ["training.push_to_hub=true"]))
     assert not out.exists()
+
+
+def test_a_hub_token_in_the_config_is_refused():
+    with pytest.raises(UserError, match="hf auth login"):
+        load_config(REFERENCE_CONFIG, ["training.push_to_hub=true", "training.hub_token=hf_secret"])

@@ -67,6 +67,9 @@ def resolve_training(raw: Any, source: str, task: Task, config_stem: str) -> dic
             )
         raw[key] = check_value(f"{source}: training.{key}", value, types_[key])
 
+    if raw.get("hub_token"):
+        raise UserError(f"{source}: training.hub_token: a token would be saved in resolved_config.yaml, run_record.json "
+                        "and the model card (and pushed with them); log in with `hf auth login` or set HF_TOKEN instead")
     ratio = raw.pop("warmup_ratio", None)
     if ratio is not None:
         if raw.get("warmup_steps"):
@@ -109,7 +112,7 @@ def _checked_metric(metric: str, task: Task, source: str) -> str:
     """A metric of the task, as written or with `eval_` or a validation split's name before it."""
     known = {"loss", *task.metrics}
     name = metric.removeprefix("eval_")
-    for split in task.validation_splits:
+    for split in task.validation_splits if len(task.validation_splits) > 1 else ():  # one set: no prefix
         if name.startswith(f"{split}_") and name.removeprefix(f"{split}_") in known:
             return metric
     if name not in known:

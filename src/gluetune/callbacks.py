@@ -81,6 +81,13 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The Trainer still closes the epoch it left: no evaluation of a part-epoch model (it could
+        # become the "best"), no second save over the checkpoint the stop just wrote.
+        if self.received is not None:
+            control.should_evaluate = control.should_save = False
+        return control
+
 
 class LossWatch(TrainerCallback):
     """Stops a run whose loss became NaN or infinite, before anything is saved after it.
@@ -135,7 +142,7 @@ class LossWatch(TrainerCallback):
 
 
 class CompleteLossLog(TrainerCallback):
-    """Logs the training loss before every checkpoint and at the last step.
+    """Logs the training loss before every checkpoint and evaluation, and at the last step.
 
     The whole run's mean training loss is then the step-weighted mean of the logged losses
     (metrics.train_loss_of), which a checkpoint's log history carries across a kill and resume;
@@ -143,11 +150,12 @@ class CompleteLossLog(TrainerCallback):
     """
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save or state.global_step >= state.max_steps:
+        # (with save_strategy "best" a save is decided after an evaluation: log before each one)
+        if control.should_save or control.should_evaluate or state.global_step >= state.max_steps:
             control.should_log = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save:
+        if control.should_save or control.should_evaluate:
             control.should_log = True
 
 

@@ -287,8 +287,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        if distributed.is_main_process():  # every process raised it; one line says it
+        # In a multi-process run, an error every process raised (a config error, a decision taken
+        # together) is said once, by the main process; one only this process met, by it.
+        if distributed.is_main_process():
             print(f"gluetune: error: {err}", file=sys.stderr)
+        elif distributed.initialized() and not err.shared:
+            print(f"gluetune: error: [rank {distributed.launched_rank()}] {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("gluetune: interrupted", file=sys.stderr)

@@ -23,10 +23,6 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def is_main_process() -> bool:
     return launched_rank() == 0
 
@@ -43,8 +39,9 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size() -> int:
-    return _state().num_processes if _initialized() else 1
+def initialized() -> bool:
+    """Whether this process is part of a process group (a launched multi-process run)."""
+    return _initialized()
 
 
 def wait_for_everyone() -> None:
@@ -87,6 +84,7 @@ def run_on_main(fn: Callable[[], T], error_type: type[Exception]) -> T:
         try:
             result = fn()
         except error_type as err:
+            err.shared = True  # every process raises it: one of them says it
             error = err
     result, error = broadcast_from_main((result, error))
     if error is not None:

@@ -16,20 +16,27 @@ class UserError(Exception):
     """Bad input: a config typo, a missing file or column, a label out of range, ..."""
 
     exit_code = EXIT_USER_ERROR
+    shared = False  # raised by every process of a multi-process run alike (only the main one says it)
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
     exit_code = 3
+    shared = True  # decided together (callbacks.LossWatch)
 
 
 class RunInterrupted(UserError):
     """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
 
+    shared = True  # decided together (callbacks.GracefulStop)
+
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+    def __reduce__(self):
+        return type(self), (str(self), self.exit_code - 128)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -150,17 +150,14 @@ _MEAN_POOLING = '''
         self.base_model.register_forward_hook(pool_the_mean, with_kwargs=True)
 
 
-def pool_the_mean(module, args, kwargs, output):
-    hidden = output.last_hidden_state
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    if mask is None:
-        mean = hidden.mean(dim=1)
-    else:
-        weights = mask[..., None].to(hidden.dtype)
-        mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-    output.pooler_output = module.pooler(mean[:, None, :])  # the pooler reads position 0
-    return output
-'''  # continues the model class above
+'''  # continues the model class above; then gluetune's own hook function, as is:
+
+
+def _mean_pooling_source() -> str:
+    import inspect
+
+    return _MEAN_POOLING + inspect.getsource(models.pool_the_mean)
+
 
 _PAIR_TOKENIZER = '''
 PAIR_SEPARATOR = {separator!r}  # how gluetune joins a pair for a tokenizer without a pair template
@@ -230,7 +227,7 @@ class RemoteCode:
         text = _MODULE_HEADER.format(reasons="; ".join(reasons))
         text += _MODEL_CLASSES.format(**values)
         if self.mean_pooling:
-            text += _MEAN_POOLING
+            text += _mean_pooling_source()
         if self.base_tokenizer:
             text += _PAIR_TOKENIZER.format(**values, separator=data.PAIR_SEPARATOR)
         return text

@@ -35,7 +35,7 @@ def check_can_push(training: dict) -> None:
         raise UserError("training.push_to_hub: HF_HUB_OFFLINE is set, so the finished run could not be pushed; "
                         "unset HF_HUB_OFFLINE, or set training.push_to_hub=false and upload the folder later")
     try:
-        _api().whoami(token=training.get("hub_token"))
+        _api().whoami()  # the login's token (hf auth login, HF_TOKEN): never one from the config
     except Exception as err:  # huggingface_hub raises many types for "no network / no token"
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         raise UserError(f"training.push_to_hub: the hub at {endpoint} cannot be reached with a valid token "
@@ -47,8 +47,7 @@ def push_run(folder: Path, training: dict) -> str:
     """Upload the finished run folder in one commit; returns the repo id."""
     api = _api()
     repo = repo_id(training, folder)
-    token = training.get("hub_token")
-    api.create_repo(repo, private=training.get("hub_private_repo"), exist_ok=True, token=token)
-    api.upload_folder(repo_id=repo, folder_path=str(folder), ignore_patterns=NOT_PUSHED, token=token,
+    api.create_repo(repo, private=training.get("hub_private_repo"), exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=str(folder), ignore_patterns=NOT_PUSHED,
                       commit_message="gluetune: finished run (adapter, model card, report, metrics)")
     return repo

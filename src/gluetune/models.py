@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from . import methods, sources
@@ -22,16 +21,6 @@ def _check_local(path: str, marker: str) -> None:
         raise UserError(f"{path} is not a Hugging Face model folder (no {marker})")
 
 
-def hub_error(name: str, err: Exception) -> UserError:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    offline = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
-    return UserError(
-        f"model '{name}' could not be loaded: it is not a local folder, and the hub at {endpoint}{offline} "
-        f"did not provide it ({one_line(err)}). Either set HF_ENDPOINT to a reachable mirror "
-        "(e.g. https://hf-mirror.com), or download the model and set model.name_or_path to its folder"
-    )
-
-
 def _from_pretrained(loader, path: str, marker: str = "config.json", **kwargs):
     local = is_local_path(path)
     if local:
@@ -41,7 +30,7 @@ def _from_pretrained(loader, path: str, marker: str = "config.json", **kwargs):
     except OSError as err:
         if local:
             raise UserError(f"{path}: not a loadable model folder: {one_line(err)}") from None
-        raise hub_error(path, err) from None
+        raise sources.hub_error(path, err) from None
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
@@ -119,19 +108,21 @@ def use_mean_pooling(classifier, name: str) -> None:
             f"{name} ({type(classifier).__name__}) has none; leave model.pooling unset"
         )
 
-    def pool_the_mean(module, args, kwargs, output):
-        hidden = output.last_hidden_state
-        # BERT-style forward(input_ids, attention_mask, ...): the mask comes by keyword or second
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is None:
-            mean = hidden.mean(dim=1)
-        else:
-            weights = mask[..., None].to(hidden.dtype)
-            mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        output.pooler_output = module.pooler(mean[:, None, :])  # the pooler reads position 0
-        return output
-
     encoder.register_forward_hook(pool_the_mean, with_kwargs=True)
+
+
+def pool_the_mean(module, args, kwargs, output):
+    """The encoder's forward hook of `use_mean_pooling` (also written, as is, into exports)."""
+    hidden = output.last_hidden_state
+    # BERT-style forward(input_ids, attention_mask, ...): the mask comes by keyword or second
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is None:
+        mean = hidden.mean(dim=1)
+    else:
+        weights = mask[..., None].to(hidden.dtype)
+        mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    output.pooler_output = module.pooler(mean[:, None, :])  # the pooler reads position 0
+    return output
 
 
 def _checked_overrides(model: ModelConfig, path: str) -> dict:

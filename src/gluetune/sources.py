@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,6 +54,16 @@ def resolve_name(name_or_path: str) -> str:
         raise UserError(f"model '{name_or_path}': module '{module_name}' has no get_model_path(); "
                         "if it ships a GGUF file, name it with model.gguf_file")
     return str(module.get_model_path())
+
+
+def hub_error(name: str, err: Exception) -> UserError:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+    return UserError(
+        f"model '{name}' could not be loaded: it is not a local folder, and the hub at {endpoint}{offline} "
+        f"did not provide it ({one_line(err)}). Either set HF_ENDPOINT to a reachable mirror "
+        "(e.g. https://hf-mirror.com), or download the model and set model.name_or_path to its folder"
+    )
 
 
 def _not_installed(name: str, module_name: str) -> UserError:
@@ -95,8 +106,6 @@ def gguf_path(model: ModelConfig) -> Path:
     try:
         return Path(hf_hub_download(name, file, revision=model.revision))
     except Exception as err:  # huggingface_hub raises many types for "not reachable / not found"
-        from .models import hub_error
-
         raise hub_error(f"{name}/{file}", err) from None
 
 

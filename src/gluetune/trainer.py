@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 
+from .errors import UserError
 from .sampling import LengthGroupedBatches
 
 
@@ -32,13 +33,16 @@ class GluetuneTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, group_steps: int | None = None, parameter_groups=None, loss_watch=None,
-                 train_collator=None, **kwargs):
+                 train_collator=None, split_of_a_step: int | None = None, **kwargs):
         """`group_steps`: optimizer steps per length-sorted group (None: the sampler's default);
         `parameter_groups(model)`: optimizer groups with their own learning rates, or None;
         `loss_watch`: a callbacks.LossWatch that sees every micro-batch's loss;
-        `train_collator`: the training batches' collator, if not `data_collator` (fastpath)."""
+        `train_collator`: the training batches' collator, if not `data_collator` (fastpath);
+        `split_of_a_step`: micro-batches x processes per step as configured, when the fast path runs
+        the step as one micro-batch (so a short last step is treated the same way)."""
         super().__init__(*args, **kwargs)
         self.group_steps = group_steps
+        self.split_of_a_step = split_of_a_step
         self.train_collator = train_collator or self.data_collator
         self.parameter_groups = parameter_groups
         self.loss_watch = loss_watch
@@ -54,20 +58,24 @@ class GluetuneTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if self.args.train_sampling_strategy != "group_by_length":
             return super().get_train_dataloader()
+        if self.args.accelerator_config.split_batches or self.args.accelerator_config.dispatch_batches:
+            raise UserError("training.accelerator_config: split_batches / dispatch_batches do not apply to gluetune's "
+                            "length-grouped steps (each process already gets its own); remove them")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         batches = LengthGroupedBatches(
-            self.train_dataset["length"], self._train_batch_size, seed=seed,
+            self.train_dataset[self.args.length_column_name], self._train_batch_size, seed=seed,
             accumulation=self.args.gradient_accumulation_steps, processes=self.args.world_size,
-            rank=self.args.process_index, group_steps=self.group_steps,
+            rank=self.args.process_index, group_steps=self.group_steps, smallest_step=self.split_of_a_step,
         )
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         params = dict(batch_sampler=batches, collate_fn=self.train_collator, num_workers=self.args.dataloader_num_workers,
-                      pin_memory=self.args.dataloader_pin_memory,
+                      pin_memory=self.args.dataloader_pin_memory, in_order=self.args.dataloader_in_order,
                       worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
                                              rank=self.args.process_index))
         if self.args.dataloader_num_workers > 0:
             params.update(persistent_workers=self.args.dataloader_persistent_workers,
-                          prefetch_factor=self.args.dataloader_prefetch_factor)
+                          prefetch_factor=self.args.dataloader_prefetch_factor,
+                          multiprocessing_context=self.args.dataloader_multiprocessing_context)
         self.epoch_of_batches.batches = batches
         loader = self.accelerator.prepare(DataLoader(dataset, **params))
         # The batches are already this process's own: accelerate's round-robin dealer must pass
@@ -91,21 +99,19 @@ class GluetuneTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits.float()
+        kept = labels != -100  # -100: a filler row (fastpath), as in transformers' losses
         if getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression":
-            counted = torch.ones_like(labels, dtype=torch.bool)
-            total = torch.nn.functional.mse_loss(logits.view(-1), labels.float().view(-1), reduction="sum")
+            total = torch.nn.functional.mse_loss(logits.view(-1)[kept], labels.float()[kept], reduction="sum")
         else:
-            counted = labels != -100  # -100: a padding row (fastpath), as in transformers' losses
-            total = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
-                                                      ignore_index=-100, reduction="sum")
-        if num_items_in_batch is None:
-            loss = total / counted.sum().clamp(min=1)
-        else:
-            loss = total / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                # num_items_in_batch counts every process's examples; DDP then averages the
-                # gradients over processes, which this undoes (the Trainer does the same).
-                loss = loss * self.args.world_size
+            total = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100,
+                                                      label_smoothing=self.args.label_smoothing_factor, reduction="sum")
+        if num_items_in_batch is None:  # not from the Trainer's loops, which always count the step
+            num_items_in_batch = kept.sum().clamp(min=1)
+        loss = total / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # num_items_in_batch counts every process's examples; DDP then averages the gradients
+            # over processes, which this undoes (the Trainer does the same).
+            loss = loss * self.args.world_size
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
@@ -133,6 +139,9 @@ class GluetuneTrainer(Trainer):
         if groups is None:
             return super().create_optimizer(model)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise UserError(f"training.optim: {self.args.optim} builds its own parameter groups; it cannot take "
+                            "peft.loraplus_lr_ratio or peft.modules_to_save_lr (remove those, or choose adamw_torch)")
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 

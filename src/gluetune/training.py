@@ -122,6 +122,7 @@ def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArgume
     kwargs.update(fastpath.argument_changes(config, kwargs, cuda_available()))
     if not cuda_available():
         kwargs.setdefault("dataloader_pin_memory", False)
+    if not cuda_available() and not torch.backends.mps.is_available():
         # accelerate sets up a CPU process group (gloo) for torchrun / accelerate launch only when
         # told it runs on the CPU; otherwise each process would train alone.
         kwargs["use_cpu"] = True
@@ -178,61 +179,16 @@ def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock) -> tuple[bool
 
 def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None) -> TrainOutcome:
     started = time.time()
-    task, output_dir = config.task, config.output_dir
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
-
-    # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
-    dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
-    with args.main_process_first(desc="fetching the model"):  # one download or GGUF conversion, then the cache
-        tokenizer = models.load_tokenizer(config.model)
-        model = models.load_classifier(config.model, task, tokenizer.pad_token_id, dtype=dtype)
-    model = models.make_trainable(model, config)
-    if distributed.is_main_process():
-        logger.info("%s", models.describe_parameters(model))
-    if not cuda_available() and config.training.get("fast_cpu_dropout", True):
-        use_fast_cpu_dropout(model)
-
-    max_length = config.dataset.max_length
-    limit = models.max_model_length(model)
-    if limit and max_length > limit:
-        logger.warning("dataset.max_length=%d exceeds the model's limit of %d tokens; using %d", max_length, limit, limit)
-        max_length = limit
-    with args.main_process_first(desc="reading and tokenizing the data"):  # the others then read the cache
-        raw = data.load_splits(config, ["train", *task.validation_splits])
-        encoded = {split: data.tokenize(ds, tokenizer, task, max_length, split, cache=config.dataset.cache_tokenized)
-                   for split, ds in raw.items()}
+    tokenizer, model = _load_model(config, args)
+    raw, encoded = _load_data(config, args, tokenizer, model)
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
-    evals = {s: encoded[s].sort("length") for s in task.validation_splits}
-    eval_dataset = evals[task.validation_splits[0]] if len(evals) == 1 else evals
-
-    stop, watch = GracefulStop(), LossWatch(output_dir)
-    _, tensorboard = reporting(config.training.get("report_to"))
-    board = RunTensorBoard(config.training["logging_dir"]) if tensorboard else None
-    callbacks = [c for c in (board, stop, CompleteLossLog(), watch,
-                             ConsoleProgress(list(task.metrics)), SingleClassWarning()) if c]
-    trainer = GluetuneTrainer(
-        model=model,
-        args=args,
-        train_dataset=encoded["train"],
-        eval_dataset=eval_dataset,
-        data_collator=fastpath.collator(config, tokenizer, args, cuda_available()),
-        train_collator=fastpath.collator(config, tokenizer, args, cuda_available(), training=True),
-        processing_class=tokenizer,
-        compute_metrics=metrics.trainer_metrics_fn(task),
-        callbacks=callbacks,
-        group_steps=config.training.get("length_group_batches"),
-        parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args),
-        loss_watch=watch,
-    )
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
-        logger.warning("FSDP: accelerate shards models only on GPUs; on this machine the processes run plain DDP "
-                       "(the same training, each process holding the whole model)")
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    fastpath.prepare_model(trainer, config, cuda_available())
+    evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
+    stop, board = GracefulStop(), _tensorboard(config)
+    trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop])
     if distributed.is_main_process():
-        save_config(config, output_dir)
-        rundir.write_record(output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
+        save_config(config, config.output_dir)
+        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
         per_device = args.per_device_train_batch_size
         logger.info("effective batch %d = %d per device x %d accumulation x %d process(es)%s",
                     per_device * args.gradient_accumulation_steps * args.world_size, per_device,
@@ -245,22 +201,92 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     finally:
         stop.uninstall()
     if stop.received is not None:
-        last = rundir.latest_checkpoint(output_dir)
         raise RunInterrupted(
-            f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint {last} saved. "
-            "Continue with: gluetune train --config ... --resume", stop.received
+            f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint "
+            f"{rundir.latest_checkpoint(config.output_dir)} saved. Continue with: gluetune train --config ... --resume",
+            stop.received,
         )
 
     predictions = {split: trainer.predict(ds, metric_key_prefix="final") for split, ds in evals.items()}
+    trainer.save_model(str(config.output_dir))  # every process: a sharded model is gathered first
+    summary = _summary(config, args, trainer, result, predictions, checkpoint, started)
+    if distributed.is_main_process():
+        _write_outputs(config, trainer, tokenizer, evals, predictions, summary, board)
+    distributed.wait_for_everyone()
+    return TrainOutcome(metrics=summary, model=trainer.model, tokenizer=tokenizer, predictions=predictions)
+
+
+def _load_model(config: RunConfig, args: TrainingArguments):
+    # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
+    dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
+    with args.main_process_first(desc="fetching the model"):  # one download or GGUF conversion, then the cache
+        tokenizer = models.load_tokenizer(config.model)
+        model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id, dtype=dtype)
+    model = models.make_trainable(model, config)
+    if distributed.is_main_process():
+        logger.info("%s", models.describe_parameters(model))
+    if not cuda_available() and config.training.get("fast_cpu_dropout", True):
+        use_fast_cpu_dropout(model)
+    return tokenizer, model
+
+
+def _load_data(config: RunConfig, args: TrainingArguments, tokenizer, model) -> tuple[dict, dict]:
+    """The raw splits and their tokenized form (read and tokenized by the main process first; the
+    others then read the cache)."""
+    max_length, limit = config.dataset.max_length, models.max_model_length(model)
+    if limit and max_length > limit:
+        logger.warning("dataset.max_length=%d exceeds the model's limit of %d tokens; using %d", max_length, limit, limit)
+        max_length = limit
+    with args.main_process_first(desc="reading and tokenizing the data"):
+        raw = data.load_splits(config, ["train", *config.task.validation_splits])
+        encoded = {split: data.tokenize(ds, tokenizer, config.task, max_length, split, cache=config.dataset.cache_tokenized)
+                   for split, ds in raw.items()}
+    return raw, encoded
+
+
+def _tensorboard(config: RunConfig) -> RunTensorBoard | None:
+    _, tensorboard = reporting(config.training.get("report_to"))
+    return RunTensorBoard(config.training["logging_dir"]) if tensorboard else None
+
+
+def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: dict, first_callbacks: list):
+    watch = LossWatch(config.output_dir)
+    callbacks = [c for c in (*first_callbacks, CompleteLossLog(), watch, ConsoleProgress(list(config.task.metrics)),
+                             SingleClassWarning()) if c is not None]
+    trainer = GluetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=next(iter(evals.values())) if len(evals) == 1 else evals,
+        data_collator=fastpath.collator(config, tokenizer, args, cuda_available()),
+        train_collator=fastpath.collator(config, tokenizer, args, cuda_available(), training=True),
+        processing_class=tokenizer,
+        compute_metrics=metrics.trainer_metrics_fn(config.task),
+        callbacks=callbacks,
+        group_steps=config.training.get("length_group_batches"),
+        split_of_a_step=config.training.get("gradient_accumulation_steps", 1) * args.world_size,
+        parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args),
+        loss_watch=watch,
+    )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning("FSDP: accelerate shards models only on GPUs; on this machine the processes run plain DDP "
+                       "(the same training, each process holding the whole model)")
+    trainer.remove_callback(PrinterCallback)  # progress.ConsoleProgress shows progress instead
+    trainer.remove_callback(ProgressCallback)
+    fastpath.prepare_model(trainer, config, cuda_available())
+    return trainer
+
+
+def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkpoint: Path | None, started: float) -> dict:
+    """What metrics.json holds."""
+    task = config.task
     validation = {split: {k.removeprefix("final_"): v for k, v in p.metrics.items()
                           if k.removeprefix("final_") not in metrics.TIMING_KEYS}
                   for split, p in predictions.items()}
-    trainer.save_model(str(output_dir))  # every process: a sharded model is gathered first
-
-    trainable, total = models.count_parameters(model)
+    trainable, total = models.count_parameters(trainer.model)
     best = trainer.state.best_model_checkpoint
     history = metrics.epoch_history(trainer.state.log_history)
-    summary = {
+    return {
         "task": task.name,
         "primary_metric": task.primary_metric,
         "primary_split": task.validation_splits[0],
@@ -285,20 +311,22 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
         "device": device_name(),
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }
-    if distributed.is_main_process():
-        methods.name_base_model(output_dir, config.peft, config.model.name_or_path)
-        tokenizer.save_pretrained(str(output_dir))
-        write_validation_predictions(output_dir, evals, predictions)
-        if board is not None:
-            board.write_final(validation[task.validation_splits[0]], trainer.state.global_step)
-        atomic_write_json(output_dir / rundir.METRICS_FILENAME, summary)
-        card.write_card(output_dir)
-        report.write_report(output_dir)
-        _say_how_it_ended(summary, output_dir)
-        if config.training.get("push_to_hub"):
-            logger.info("pushed to the hub as %s", hub.push_run(output_dir, config.training))
-    distributed.wait_for_everyone()
-    return TrainOutcome(metrics=summary, model=trainer.model, tokenizer=tokenizer, predictions=predictions)
+
+
+def _write_outputs(config: RunConfig, trainer, tokenizer, evals: dict, predictions: dict, summary: dict, board) -> None:
+    """The main process's files after training; metrics.json marks the run finished."""
+    output_dir, primary_split = config.output_dir, config.task.validation_splits[0]
+    methods.name_base_model(output_dir, config.peft, config.model.name_or_path)
+    tokenizer.save_pretrained(str(output_dir))
+    write_validation_predictions(output_dir, evals, predictions)
+    if board is not None:
+        board.write_final(summary[primary_split], trainer.state.global_step)
+    atomic_write_json(output_dir / rundir.METRICS_FILENAME, summary)
+    card.write_card(output_dir)
+    report.write_report(output_dir)
+    _say_how_it_ended(summary, output_dir)
+    if config.training.get("push_to_hub"):
+        logger.info("pushed to the hub as %s", hub.push_run(output_dir, config.training))
 
 
 def _parallelism(trainer) -> str:
