@@ -112,13 +112,13 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
     def mcc(eval_prediction):
         return {"matthews_correlation": matthews_corrcoef(eval_prediction.label_ids, eval_prediction.predictions.argmax(-1))}
 
-    common = dict(
-        output_dir=str(out), per_device_train_batch_size=t["per_device_train_batch_size"],
-        gradient_accumulation_steps=t.get("gradient_accumulation_steps", 1), learning_rate=t["learning_rate"],
-        weight_decay=t.get("weight_decay", 0.0), warmup_steps=t.get("warmup_steps", 0), seed=t["seed"],
-        lr_scheduler_type=t.get("lr_scheduler_type", "linear"), report_to="none", dataloader_pin_memory=False,
-        logging_steps=50,
-    )
+    common = {
+        "output_dir": str(out), "per_device_train_batch_size": t["per_device_train_batch_size"],
+        "gradient_accumulation_steps": t.get("gradient_accumulation_steps", 1), "learning_rate": t["learning_rate"],
+        "weight_decay": t.get("weight_decay", 0.0), "warmup_steps": t.get("warmup_steps", 0), "seed": t["seed"],
+        "lr_scheduler_type": t.get("lr_scheduler_type", "linear"), "report_to": "none", "dataloader_pin_memory": False,
+        "logging_steps": 50,
+    }
     if pad_to_128:
         args = TrainingArguments(**common, max_steps=RUNGLUE_STEPS, eval_strategy="no", save_strategy="no")
     else:
@@ -177,7 +177,7 @@ def run_contender(name: str, glue_dir: Path, epochs: float | None) -> dict:
         cmd += ["--epochs", str(epochs)]
     pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"contender {name} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

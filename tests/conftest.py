@@ -124,7 +124,7 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     """Run a command of the project in a fresh Python process, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd, env=full_env, check=False, capture_output=True, text=True, timeout=timeout
     )
 
 

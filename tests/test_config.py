@@ -198,3 +198,9 @@ def test_apply_overrides_creates_nested_sections():
 def test_length_group_batches_must_be_positive(capsys):
     line = error_of(capsys, "train", "--config", str(REFERENCE_CONFIG), "--set", "training.length_group_batches=0")
     assert "training.length_group_batches: 0" in line and "positive integer" in line
+
+
+@pytest.mark.parametrize("path", sorted((REFERENCE_CONFIG.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_validation(path):
+    config = load_config(path)
+    assert config.output_dir.name == path.stem

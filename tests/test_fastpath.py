@@ -15,7 +15,7 @@ from gluetune.config import load_config
 from gluetune.trainer import GluetuneTrainer
 from gluetune.training import train
 
-SIZE = dict(train=96, evals=48, epochs=2)
+SIZE = {"train": 96, "evals": 48, "epochs": 2}
 
 
 def trainer_for(tiny_qwen, tmp_path, *extra: str):

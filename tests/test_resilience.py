@@ -32,7 +32,7 @@ from gluetune.rundir import (
 
 # 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs, a checkpoint (and
 # an evaluation) every 3 steps, so checkpoints fall inside epochs; every checkpoint kept.
-SIZE = dict(train=256, evals=64, epochs=4)
+SIZE = {"train": 256, "evals": 64, "epochs": 4}
 STEP_CHECKPOINTS = ["training.save_strategy=steps", "training.save_steps=3", "training.eval_strategy=steps",
                     "training.eval_steps=3", "training.save_total_limit=null"]
 
@@ -217,7 +217,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_qwen, t
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert result.returncode == 3, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    line = [x for x in result.stderr.splitlines() if x.startswith("gluetune: error:")][0]
+    line = next(x for x in result.stderr.splitlines() if x.startswith("gluetune: error:"))
     assert "training diverged" in line and "at step 2" in line and "checkpoint-1, is intact" in line
     assert "learning_rate" in line and "warmup" in line
     assert latest_checkpoint(out).name == "checkpoint-1" and not (out / "checkpoint-2").exists()

@@ -76,7 +76,7 @@ def test_cli_run_prints_aligned_epochs_and_names_the_best_epoch(cli_run):
     out, result = cli_run
     epochs = [line for line in result.stderr.splitlines() if "validation | loss" in line]
     assert len(epochs) == 2 and all(" | matthews_correlation " in line for line in epochs)
-    assert [line.index("| matthews_correlation") for line in epochs][0] == epochs[1].index("| matthews_correlation")
+    assert epochs[0].index("| matthews_correlation") == epochs[1].index("| matthews_correlation")
     metrics = json.loads((out / "metrics.json").read_text())
     closing = f"best epoch {metrics['best_epoch']:g} ({metrics['best_checkpoint']}): validation matthews_correlation"
     assert closing in result.stderr
@@ -103,7 +103,7 @@ def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
     from gluetune.evaluation import evaluate_folder
     from gluetune.prediction import Classifier
 
-    config, results = evaluate_folder(out)
+    _config, results = evaluate_folder(out)
     assert results["validation"]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
     saved = [json.loads(line) for line in (out / "validation_predictions.jsonl").read_text().splitlines()]
     dev = read_glue_split(GLUE_DIR, get_task("cola"), "validation").select(range(48))

@@ -28,7 +28,7 @@ _API = {
     "write_report": "report",
     "UserError": "errors",
 }
-__all__ = [*_API, "__version__"]
+__all__ = [*_API, "__version__"]  # noqa: PLE0604 (the keys of _API are names)
 
 
 def __getattr__(name: str):

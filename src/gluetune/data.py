@@ -75,7 +75,7 @@ def load_hub_splits(name: str, task: Task, splits: list[str]):
     subset = task.hub_subset
     try:
         ds = datasets.load_dataset(name, subset)
-    except Exception as err:  # datasets raises many types for "not reachable / not found"
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for "not reachable / not found"
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
         raise UserError(
@@ -240,7 +240,7 @@ def read_data_file(path: str | os.PathLike, task: Task, label_column: str = "lab
             raise UserError(f"data file not found: {path}")
         try:
             table = pq.read_table(path)
-        except Exception as err:  # pyarrow's error types vary by fault
+        except Exception as err:  # noqa: BLE001 - pyarrow's error types vary by fault
             raise UserError(f"{path}: not a readable Parquet file: {one_line(err)}") from None
         columns = table.column_names
         records = [(f"{path}: row {i + 1}", r) for i, r in enumerate(table.to_pylist())]

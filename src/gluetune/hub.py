@@ -36,7 +36,7 @@ def check_can_push(training: dict) -> None:
                         "unset HF_HUB_OFFLINE, or set training.push_to_hub=false and upload the folder later")
     try:
         _api().whoami()  # the login's token (hf auth login, HF_TOKEN): never one from the config
-    except Exception as err:  # huggingface_hub raises many types for "no network / no token"
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types for "no network / no token"
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         raise UserError(f"training.push_to_hub: the hub at {endpoint} cannot be reached with a valid token "
                         f"({one_line(err)}); check the network and `hf auth login` (or HF_TOKEN), or set "

@@ -71,7 +71,7 @@ class OutputDirLock:
             self._lock.release()
             self._lock = None
 
-    def __enter__(self) -> OutputDirLock:
+    def __enter__(self) -> OutputDirLock:  # noqa: PYI034 (no typing.Self before Python 3.11)
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -105,7 +105,7 @@ def gguf_path(model: ModelConfig) -> Path:
 
     try:
         return Path(hf_hub_download(name, file, revision=model.revision))
-    except Exception as err:  # huggingface_hub raises many types for "not reachable / not found"
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types for "not reachable / not found"
         raise hub_error(f"{name}/{file}", err) from None
 
 

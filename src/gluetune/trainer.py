@@ -68,10 +68,13 @@ class GluetuneTrainer(Trainer):
             rank=self.args.process_index, group_steps=self.group_steps, smallest_step=self.split_of_a_step,
         )
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
-        params = dict(batch_sampler=batches, collate_fn=self.train_collator, num_workers=self.args.dataloader_num_workers,
-                      pin_memory=self.args.dataloader_pin_memory, in_order=self.args.dataloader_in_order,
-                      worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers,
-                                             rank=self.args.process_index))
+        params = {
+            "batch_sampler": batches, "collate_fn": self.train_collator,
+            "num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory,
+            "in_order": self.args.dataloader_in_order,
+            "worker_init_fn": partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                      rank=self.args.process_index),
+        }
         if self.args.dataloader_num_workers > 0:
             params.update(persistent_workers=self.args.dataloader_persistent_workers,
                           prefetch_factor=self.args.dataloader_prefetch_factor,
