@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# bench/machine.py, importable because the scripts run as python bench/<name>.py
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_minilm_cpu.yaml"
 RUNGLUE_STEPS = 40
@@ -40,16 +43,6 @@ RUNGLUE_MAX_SEQ_LENGTH = 128  # run_glue.py's default --max_seq_length, with pad
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_cola(path: Path):

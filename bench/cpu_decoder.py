@@ -32,18 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+# bench/machine.py, importable because the scripts run as python bench/<name>.py
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_smollm2_cpu.yaml"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def last_token_features(config, sentences: list[str], batch_size: int = 64):

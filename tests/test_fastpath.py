@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import REFERENCE_CONFIG, tiny_overrides
+from conftest import REFERENCE_CONFIG, tiny_overrides, tiny_training_pieces
 
-from gluetune import data, fastpath, metrics, models, training
+from gluetune import fastpath, metrics
 from gluetune.config import load_config
 from gluetune.trainer import GluetuneTrainer
 from gluetune.training import train
@@ -21,11 +21,7 @@ SIZE = {"train": 96, "evals": 48, "epochs": 2}
 def trainer_for(tiny_qwen, tmp_path, *extra: str):
     config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "run", **SIZE)
                          + ["peft.lora_dropout=0", "training.report_to=none", *extra])
-    args = training.training_arguments(config, quiet=True)
-    torch.manual_seed(0)
-    tokenizer = models.load_tokenizer(config.model)
-    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
-    train_set = data.tokenize(data.load_splits(config, ["train"])["train"], tokenizer, config.task, 128, "train")
+    args, tokenizer, model, train_set = tiny_training_pieces(config)
     trainer = GluetuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
                               data_collator=fastpath.collator(config, tokenizer, args, False),
                               train_collator=fastpath.collator(config, tokenizer, args, False, training=True),

@@ -20,6 +20,7 @@ from conftest import (
     copy_run,
     run_cli,
     tiny_overrides,
+    tiny_training_pieces,
 )
 
 from gluetune import training
@@ -108,17 +109,13 @@ def test_metric_names_with_a_split_prefix_are_accepted():
 
 def step_gradients(tiny_qwen, tmp_path, micro: int, accumulation: int) -> tuple[dict, float, list]:
     """One optimizer step's gradients and logged loss through the Trainer's own accumulation loop."""
-    from gluetune import data, methods, metrics, models
+    from gluetune import methods, metrics
     from gluetune.trainer import GluetuneTrainer
 
     config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / f"{micro}x{accumulation}", train=32) + [
         "peft.lora_dropout=0", f"training.per_device_train_batch_size={micro}",
         f"training.gradient_accumulation_steps={accumulation}", "training.report_to=none"])
-    args = training.training_arguments(config, quiet=True)
-    torch.manual_seed(0)
-    tokenizer = models.load_tokenizer(config.model)
-    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
-    train_set = data.tokenize(data.load_splits(config, ["train"])["train"], tokenizer, config.task, 128, "train")
+    args, tokenizer, model, train_set = tiny_training_pieces(config)
     trainer = GluetuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
                               data_collator=training.fastpath.collator(config, tokenizer, args, False),
                               compute_metrics=metrics.trainer_metrics_fn(config.task),
