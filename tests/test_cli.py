@@ -7,14 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
-    GLUE_DIR,
-    REFERENCE_CONFIG,
-    ROOT,
-    as_set_args,
-    run_cli,
-    tiny_overrides,
-)
+from conftest import GLUE_DIR, REFERENCE_CONFIG, ROOT, as_set_args, run_cli, tiny_overrides
 
 from gluetune import models
 from gluetune.config import load_config

@@ -7,14 +7,7 @@ import yaml
 from conftest import REFERENCE_CONFIG, assert_one_line_error, run_cli
 
 from gluetune.cli import main
-from gluetune.config import (
-    CONFIG_FILENAME,
-    apply_overrides,
-    build_config,
-    load_config,
-    load_saved_config,
-    save_config,
-)
+from gluetune.config import CONFIG_FILENAME, apply_overrides, build_config, load_config, load_saved_config, save_config
 from gluetune.errors import UserError
 
 

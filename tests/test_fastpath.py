@@ -79,14 +79,20 @@ def test_the_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path, mo
     not run (it costs minutes on 2 cores; the slow test below runs it)."""
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((type(self).__name__, kwargs)))
+    runs = plain_and_fast_runs(tiny_qwen, tmp_path)
+    assert [c[0] for c in compiled] == ["Qwen2DecoderLayer", "Qwen2DecoderLayer"]
+    assert compiled[0][1] == {"mode": None, "dynamic": False}  # CUDA graphs ("reduce-overhead") only on CUDA
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def plain_and_fast_runs(tiny_qwen, tmp_path) -> dict:
+    """The same tiny run on the plain path and on the fast path: {name: (folder, metrics)}."""
     runs = {}
     for name, extra in (("plain", []), ("fast", ["training.fast_path=true"])):
         out = tmp_path / name
         config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, **SIZE) + ["peft.lora_dropout=0", *extra])
         runs[name] = (out, train(config).metrics)
-    assert [c[0] for c in compiled] == ["Qwen2DecoderLayer", "Qwen2DecoderLayer"]
-    assert compiled[0][1] == {"mode": None, "dynamic": False}  # CUDA graphs ("reduce-overhead") only on CUDA
-    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+    return runs
 
 
 def assert_same_training(a, b, rel: float) -> None:
@@ -103,9 +109,5 @@ def assert_same_training(a, b, rel: float) -> None:
 @pytest.mark.slow
 def test_the_compiled_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path):
     """Regional torch.compile (inductor on the CPU) of the decoder layers: minutes to compile here."""
-    runs = {}
-    for name, extra in (("plain", []), ("fast", ["training.fast_path=true"])):
-        out = tmp_path / name
-        config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, **SIZE) + ["peft.lora_dropout=0", *extra])
-        runs[name] = (out, train(config).metrics)
+    runs = plain_and_fast_runs(tiny_qwen, tmp_path)
     assert_same_training(runs["plain"], runs["fast"], rel=1e-4)

@@ -9,12 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import GLUE_DIR
-from synthetic_glue import (
-    MNLI_WORDS,
-    QNLI_WORDS,
-    TEST_INDEX_START,
-    write_synthetic_glue,
-)
+from synthetic_glue import MNLI_WORDS, QNLI_WORDS, TEST_INDEX_START, write_synthetic_glue
 
 from gluetune.data import encode_texts, read_glue_split
 from gluetune.errors import UserError

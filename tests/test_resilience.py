@@ -23,12 +23,7 @@ from conftest import (
     tiny_overrides,
 )
 
-from gluetune.rundir import (
-    LOCK_FILENAME,
-    OWNER_FILENAME,
-    OutputDirLock,
-    latest_checkpoint,
-)
+from gluetune.rundir import LOCK_FILENAME, OWNER_FILENAME, OutputDirLock, latest_checkpoint
 
 # 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs, a checkpoint (and
 # an evaluation) every 3 steps, so checkpoints fall inside epochs; every checkpoint kept.

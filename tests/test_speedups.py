@@ -6,12 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gluetune.speedups import (
-    FastCpuDropout,
-    accelerator_settings,
-    limit_cpu_heap_growth,
-    use_fast_cpu_dropout,
-)
+from gluetune.speedups import FastCpuDropout, accelerator_settings, limit_cpu_heap_growth, use_fast_cpu_dropout
 
 
 def test_fast_dropout_keeps_one_minus_p_and_scales_like_dropout():

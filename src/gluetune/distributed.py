@@ -33,25 +33,21 @@ def _state():
     return PartialState()
 
 
-def _initialized() -> bool:
+def initialized() -> bool:
+    """Whether this process is part of a process group (a launched multi-process run)."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
-def initialized() -> bool:
-    """Whether this process is part of a process group (a launched multi-process run)."""
-    return _initialized()
-
-
 def wait_for_everyone() -> None:
-    if _initialized():
+    if initialized():
         _state().wait_for_everyone()
 
 
 def broadcast_from_main(value: T) -> T:
     """The main process's `value`, on every process (any picklable object)."""
-    if not _initialized():
+    if not initialized():
         return value
     import torch.distributed as dist
 
@@ -62,7 +58,7 @@ def broadcast_from_main(value: T) -> T:
 
 def any_process(flag: bool | Any) -> bool:
     """True on every process when `flag` is true on at least one (a bool or a 0-dim tensor)."""
-    if not _initialized():
+    if not initialized():
         return bool(flag)
     import torch
     import torch.distributed as dist
@@ -80,7 +76,7 @@ def run_on_main(fn: Callable[[], T], error_type: type[Exception]) -> T:
     An `error_type` raised by `fn` is raised on every process with the same message (so each
     exits the same way instead of the others waiting for a main process that has gone)."""
     result, error = None, None
-    if is_main_process() or not _initialized():
+    if is_main_process() or not initialized():
         try:
             result = fn()
         except error_type as err:

@@ -19,6 +19,7 @@ fails loudly instead of silently falling back to stock classes that predict diff
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import uuid
@@ -154,8 +155,6 @@ _MEAN_POOLING = '''
 
 
 def _mean_pooling_source() -> str:
-    import inspect
-
     return _MEAN_POOLING + inspect.getsource(models.pool_the_mean)
 
 

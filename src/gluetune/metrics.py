@@ -13,13 +13,7 @@ from .tasks import Task
 
 
 def classification_metrics(labels, predictions, num_labels: int) -> dict[str, float]:
-    from sklearn.metrics import (
-        accuracy_score,
-        f1_score,
-        matthews_corrcoef,
-        precision_score,
-        recall_score,
-    )
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_score, recall_score
 
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     # Binary tasks report the positive class (label 1), as GLUE does for MRPC/QQP F1.

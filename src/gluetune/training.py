@@ -19,26 +19,8 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import (
-    arguments,
-    card,
-    data,
-    distributed,
-    fastpath,
-    hub,
-    methods,
-    metrics,
-    models,
-    report,
-    rundir,
-)
-from .callbacks import (
-    CompleteLossLog,
-    GracefulStop,
-    LossWatch,
-    RunTensorBoard,
-    SingleClassWarning,
-)
+from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
+from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
 from .config import RunConfig, check_same_settings, save_config
 from .errors import RunInterrupted, UserError
 from .files import atomic_write_json, atomic_write_text
