@@ -180,9 +180,13 @@ def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path, finished_t
 def test_second_writer_is_refused_and_a_dead_lock_does_not_block(tiny_qwen, tmp_path):
     out = tmp_path / "locked"
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    with OutputDirLock(out):
+    with OutputDirLock(out):  # the owner is still starting: no resolved_config.yaml yet
         result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
-    assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
+        assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
+        # The refused run must leave the owner's lock alone, so a third start is refused too.
+        assert (out / LOCK_FILENAME).exists() and (out / OWNER_FILENAME).exists()
+        result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+        assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
     # The lock files a process left when it died do not block.
     (out / LOCK_FILENAME).write_text("")
     (out / OWNER_FILENAME).write_text("pid 1 on elsewhere")

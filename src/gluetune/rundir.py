@@ -65,6 +65,10 @@ class OutputDirLock:
         self._lock = lock
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
     def release(self) -> None:
         if self._lock is not None:
             self.owner_path.unlink(missing_ok=True)
@@ -139,8 +143,9 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
 
 
 def remove_if_unused(folder: Path, created: bool) -> None:
-    """After a run that stopped before writing its config (a refused or failed start): take away
-    its lock files, and the folder itself if this run created it and it is empty."""
+    """After a run that stopped before writing its config (a failed start): take away its lock
+    files, and the folder itself if this run created it and it is empty. Only the lock's holder may
+    call this, before releasing it."""
     folder = Path(folder)
     if not folder.is_dir() or (folder / CONFIG_FILENAME).exists():
         return

@@ -142,9 +142,11 @@ def train(config: RunConfig) -> TrainOutcome:
             return TrainOutcome(metrics=metrics.read_metrics(output_dir))
         return _train_in(config, args, checkpoint)
     finally:
-        if lock is not None:
-            lock.release()
+        # Only the lock's holder may clean up, and before it lets go: a refused start must not take
+        # away the lock of the run that holds the folder.
+        if lock is not None and lock.held:
             rundir.remove_if_unused(output_dir, created)
+            lock.release()
 
 
 def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock) -> tuple[bool, Path | None]:
