@@ -152,8 +152,8 @@ def test_decoder_export_holds_the_trained_adapter(qwen_cola, tiny_qwen):
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).model.state_dict()
     missing, _ = unmerged.model.load_state_dict(base, strict=False)
     assert not missing
-    batch = Classifier.from_folder(run).tokenizer([t[0] for t in validation_texts("cola")], padding=True,
-                                                  return_tensors="pt")
+    tokenizer = Classifier.from_folder(run).tokenizer
+    batch = tokenizer([t[0] for t in validation_texts("cola")], padding=True, return_tensors="pt")
     with torch.inference_mode():
         difference = (merged(**batch).logits - unmerged(**batch).logits).abs().max().item()
     assert difference > 100 * 1e-5, difference
@@ -194,7 +194,8 @@ def test_mean_pooled_export_ships_its_pooling_as_custom_code(minilm_mean, monkey
     run, export = minilm_mean
     config = assert_standalone_files(export, "cola")
     assert config["auto_map"]["AutoModelForSequenceClassification"].startswith("modeling_gluetune.")
-    assert f"`{REMOTE_CODE_FILENAME}` holds what stock transformers cannot express" in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert f"`{REMOTE_CODE_FILENAME}` holds what stock transformers cannot express" in card
     texts = validation_texts("cola")
     assert_predicts_like_gluetune(run, export, texts, trust_remote_code=True)
 
