@@ -134,6 +134,10 @@ def test_sigkill_of_the_whole_job_then_resume_ends_where_the_run_would_have(tiny
     time.sleep(0.5)  # let the kernel reap the workers
     assert (out / "checkpoint-6" / "trainer_state.json").is_file()
     assert not (out / "metrics.json").exists() and not (out / "checkpoint-9").exists()
+    # On one process a step would hold half as many examples: refused, the numbers named.
+    alone = launch(sys.executable, out=out, size=KILL_RUN, model=tiny_qwen, extra=(*STEP_CHECKPOINTS, "--resume"))
+    _, stderr = alone.communicate(timeout=300)
+    assert alone.returncode == 2 and "64 = 16 per device x 2 accumulation x 2 process(es)" in stderr, stderr[-3000:]
     resumed = finish(launch(*torchrun(), out=out, size=KILL_RUN, model=tiny_qwen, extra=(*STEP_CHECKPOINTS, "--resume")))
     assert "resuming from" in resumed
     done, reference = (json.loads((o / "metrics.json").read_text()) for o in (out, uninterrupted_two))

@@ -170,3 +170,18 @@ def test_training_is_deterministic_on_cpu(tiny_qwen, tmp_path):
     ]
     assert runs[0]["validation"] == runs[1]["validation"]
     assert runs[0]["train"]["loss"] == runs[1]["train"]["loss"]
+
+
+def test_one_process_seeing_several_gpus_reports_the_batch_it_trains_with(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """Without a launcher, the Trainer runs two visible GPUs as DataParallel (n_gpu decides it, patched
+    here): each micro-batch holds 16 x 2 examples, so the 64 examples are one step of 64, and the
+    figure printed and saved says so. (DataParallel without CUDA passes the batch through.)"""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    out = tmp_path / "dp"
+    with caplog.at_level("INFO", logger="gluetune"):
+        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=64, evals=16))).metrics
+    assert summary["train"]["steps"] == 1 and summary["train"]["effective_batch_size"] == 64
+    assert "effective batch 64 = 16 per device x 2 accumulation x 1 process(es) x 2 GPUs (DataParallel)" in caplog.text
+    assert "| batch | 16 per device x 2 accumulation x 1 process(es) x 2 GPUs = 64 |" in (out / "README.md").read_text()

@@ -237,7 +237,9 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
     effective = train.get("effective_batch_size", batch * accumulation * processes)
     rows += [("epochs", f"{training.get('num_train_epochs', 3):g}"),
              ("learning rate", f"{training.get('learning_rate', _default('learning_rate')):g}"),
-             ("batch", f"{batch} per device x {accumulation} accumulation x {processes} process(es) = {effective}"),
+             ("batch", f"{batch} per device x {accumulation} accumulation x {processes} process(es)"
+                       + (f" x {train['gpus_per_process']} GPUs" if train.get("gpus_per_process", 1) > 1 else "")
+                       + f" = {effective}"),
              ("optimizer", str(training.get("optim", _default("optim")))),
              ("schedule", f"{training.get('lr_scheduler_type', _default('lr_scheduler_type'))}, {_warmup(training)}"),
              ("weight decay", f"{training.get('weight_decay', _default('weight_decay')):g}"),
