@@ -164,3 +164,81 @@ def test_mean_pooling_is_refused_where_it_cannot_apply(tiny_qwen):
         models.load_classifier(config.model, config.task, pad_token_id=0)
     with pytest.raises(UserError, match=r"model.pooling: 'max' is not valid; expected null .* or mean"):
         load_config(REFERENCE_CONFIG, ["model.pooling=max"])
+
+
+# ---------------------------------------------------------------- the GGUF conversion cache
+
+
+class FakeConversions:
+    """transformers' GGUF loaders replaced by fakes that count conversions and write a tiny folder."""
+
+    def __init__(self, monkeypatch, tmp_path, seconds: float = 0.0, fail: Exception | None = None):
+        import transformers
+
+        self.count, self.seconds, self.fail = 0, seconds, fail
+        monkeypatch.setenv("GLUETUNE_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: self.saver("tokenizer.json"))
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", self.model)
+        self.gguf = tmp_path / "tiny.gguf"
+        self.gguf.write_bytes(b"GGUF")
+        self.config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tmp_path}", "model.gguf_file=tiny.gguf"])
+
+    def saver(self, name: str):
+        from types import SimpleNamespace
+
+        def save_pretrained(folder):
+            if self.fail is not None:
+                raise self.fail
+            (folder / name).write_text("{}")
+
+        return SimpleNamespace(save_pretrained=save_pretrained, config=SimpleNamespace(), hf_quantizer=None)
+
+    def model(self, *args, **kwargs):
+        import time
+
+        self.count += 1
+        time.sleep(self.seconds)
+        return self.saver("config.json")
+
+    def resolve(self):
+        from pathlib import Path
+
+        return Path(sources.resolve(self.config.model))
+
+
+def test_gguf_conversion_is_cached_and_keyed_by_what_converted_it(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    fake = FakeConversions(monkeypatch, tmp_path)
+    folder = fake.resolve()
+    assert fake.resolve() == folder and fake.count == 1  # converted once, then read from the cache
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "transformers" else real_version(name))
+    assert fake.resolve() != folder and fake.count == 2  # another transformers converts again
+
+
+def test_gguf_cache_folder_without_its_completion_mark_is_converted_again(monkeypatch, tmp_path):
+    fake = FakeConversions(monkeypatch, tmp_path)
+    folder = fake.resolve()
+    for path in folder.iterdir():  # what a copy cut short leaves: a config.json and nothing else
+        if path.name != "config.json":
+            path.unlink()
+    assert fake.resolve() == folder and fake.count == 2
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_gguf_conversions_started_together_convert_once(monkeypatch, tmp_path):
+    """What a sweep with --jobs N does on a new GGUF (threads here; the lock is a file lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = FakeConversions(monkeypatch, tmp_path, seconds=0.5)
+    with ThreadPoolExecutor(3) as pool:
+        folders = list(pool.map(lambda _: fake.resolve(), range(3)))
+    assert fake.count == 1 and len(set(folders)) == 1 and (folders[0] / "config.json").is_file()
+
+
+def test_gguf_cache_write_errors_are_one_line(monkeypatch, tmp_path):
+    fake = FakeConversions(monkeypatch, tmp_path, fail=OSError(28, "No space left on device"))
+    with pytest.raises(UserError, match=r"model.gguf_file tiny.gguf: .*No space left on device.*GLUETUNE_CACHE_DIR"):
+        fake.resolve()
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []
