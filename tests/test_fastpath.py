@@ -111,3 +111,21 @@ def test_the_compiled_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp
     """Regional torch.compile (inductor on the CPU) of the decoder layers: minutes to compile here."""
     runs = plain_and_fast_runs(tiny_qwen, tmp_path)
     assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def test_fast_path_keeps_an_explicit_evaluation_batch(tiny_qwen, tmp_path):
+    from gluetune.arguments import FAST_PATH_EVAL_BATCH
+    from gluetune.training import training_arguments
+
+    def eval_batch(*extra):
+        overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", *extra]
+        return training_arguments(load_config(REFERENCE_CONFIG, overrides), quiet=True).per_device_eval_batch_size
+
+    assert eval_batch() == FAST_PATH_EVAL_BATCH
+    assert eval_batch("training.per_device_eval_batch_size=4") == 4
+
+
+def test_random_sampling_keeps_the_training_collator(tiny_qwen, tmp_path):
+    _, trainer, _ = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "training.train_sampling_strategy=random")
+    assert trainer.train_collator is not trainer.data_collator
+    assert trainer.get_train_dataloader().collate_fn is trainer.train_collator

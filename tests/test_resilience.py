@@ -165,6 +165,20 @@ def test_a_checkpoint_without_every_process_rng_state_is_not_resumed(tmp_path, c
     assert "checkpoint-6" in caplog.text and "no rng_state_1.pth" in caplog.text and not (out / "checkpoint-6").exists()
 
 
+def test_resume_of_a_folder_without_a_run_starts_without_a_warning(tmp_path, caplog):
+    """A sweep starts every run with --resume, its train.log already in the folder: nothing to say.
+    A folder that held a run (its config) but no complete checkpoint: the restart is worth a line."""
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "train.log").write_text("")
+    with caplog.at_level("WARNING", logger="gluetune"):
+        assert prepare(tmp_path / "fresh", "auto", overwrite=False) is None
+    assert "starting from the beginning" not in caplog.text
+    (tmp_path / "fresh" / "resolved_config.yaml").write_text("")
+    with caplog.at_level("WARNING", logger="gluetune"):
+        assert prepare(tmp_path / "fresh", "auto", overwrite=False) is None
+    assert "no complete checkpoint" in caplog.text and "starting from the beginning" in caplog.text
+
+
 def test_resume_on_another_number_of_processes_is_refused(tiny_qwen, tmp_path, finished_tiny_run):
     """The run records what a step holds; a resume whose product differs is refused, naming the numbers
     (test_distributed shows it for a real two-process run resumed on one)."""

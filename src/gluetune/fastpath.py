@@ -14,7 +14,8 @@ never what it learns (same examples per optimizer step, same schedule):
   on a handful of shapes; compiled code and CUDA graphs are reused instead of rebuilt.
 - **Compiled decoder layers** (regional `torch.compile`, one compiled layer reused by every
   layer), in `reduce-overhead` mode (CUDA graphs) on CUDA.
-- **Fused AdamW** on CUDA, larger evaluation batches, non-blocking host-to-device copies.
+- **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
+  evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
 
 The sync-free divergence check (callbacks.LossWatch) and the cheap FLOP count (trainer) are on
 every path.
@@ -31,7 +32,6 @@ from transformers import DataCollatorWithPadding
 logger = logging.getLogger("gluetune")
 
 BUCKET = 16  # tokens: CoLA's sentences (at most ~50 tokens) fall in 3-4 buckets
-EVAL_BATCH = 256
 
 
 def enabled(config) -> bool:
@@ -46,7 +46,6 @@ def argument_changes(config, kwargs: dict[str, Any], cuda: bool) -> dict[str, An
     changes = {
         "per_device_train_batch_size": kwargs.get("per_device_train_batch_size", 8) * accumulation,
         "gradient_accumulation_steps": 1,
-        "per_device_eval_batch_size": max(kwargs.get("per_device_eval_batch_size", 8), EVAL_BATCH),
     }
     if cuda:
         if kwargs.get("optim", "adamw_torch") in ("adamw_torch", "adamw_torch_fused"):

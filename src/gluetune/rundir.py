@@ -236,7 +236,7 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
             shutil.rmtree(partial)
     if resume == "auto":
         checkpoint = latest_checkpoint(folder)
-        if checkpoint is None and contents:
+        if checkpoint is None and CONFIG_FILENAME in contents:  # a run began here (not a sweep's fresh folder)
             logger.warning("no complete checkpoint in %s: starting from the beginning", folder)
         return checkpoint
     checkpoint = Path(resume)
