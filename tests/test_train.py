@@ -84,12 +84,18 @@ def test_cli_run_prints_aligned_epochs_and_names_the_best_epoch(cli_run):
 
 
 def test_best_checkpoint_is_the_one_saved(cli_run):
+    """Against every evaluation of the whole run (the last checkpoint's history), not only those the
+    kept checkpoint saw: an earlier, worse pick would not pass."""
     out, _ = cli_run
     metrics = json.loads((out / "metrics.json").read_text())
-    state = json.loads((out / metrics["best_checkpoint"] / "trainer_state.json").read_text())
-    evals = [e["eval_matthews_correlation"] for e in state["log_history"] if "eval_matthews_correlation" in e]
-    assert metrics["best_metric"] == max(evals)
-    assert metrics["validation"]["matthews_correlation"] == pytest.approx(max(evals), abs=1e-9)
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    evals = {e["step"]: e["eval_matthews_correlation"] for e in history if "eval_matthews_correlation" in e}
+    assert len(evals) == 2  # one per epoch
+    best_step = max(evals, key=evals.get)
+    assert metrics["best_checkpoint"] == f"checkpoint-{best_step}"
+    assert metrics["best_metric"] == max(evals.values())
+    assert metrics["validation"]["matthews_correlation"] == pytest.approx(max(evals.values()), abs=1e-9)
 
 
 def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):

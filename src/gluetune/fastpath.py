@@ -110,6 +110,12 @@ def prepare_model(trainer, config, cuda: bool) -> int:
         return 0
     layers = repeated_layers(trainer.model)
     mode = "reduce-overhead" if cuda else None  # CUDA graphs where there is CUDA
+    # dynamic=False makes one graph per input shape and mode (training, evaluation); past dynamo's
+    # recompile_limit (8) the layers run eager for good, which long texts (RTE: every bucket up to
+    # max_length) reach within an epoch. Room for every shape the run can make: each bucket in
+    # training, in full evaluation batches, and in each validation split's last batch.
+    shapes = -(-config.dataset.max_length // BUCKET) * (2 + len(config.task.validation_splits))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     for layer in layers:
         layer.compile(mode=mode, dynamic=False)
     logger.info("fast path: one micro-batch per step (%d rows), %d-token buckets, %d compiled layers%s",
