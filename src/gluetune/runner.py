@@ -57,6 +57,14 @@ def _stop_with_parent() -> None:
     _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def start_tied(command: list[str], **popen_kwargs) -> subprocess.Popen:
+    """A child process in its own session (a Ctrl-C or SIGTERM reaches the caller alone, which
+    decides what to pass on) that gets SIGTERM when the caller dies (Linux)."""
+    return subprocess.Popen(command, start_new_session=True, **popen_kwargs,
+                            # a single foreign call, nothing that takes a lock
+                            preexec_fn=_stop_with_parent if _PRCTL else None)  # noqa: PLW1509
+
+
 class RunProcess:
     """A started run: its folder, its process, when it started."""
 
@@ -66,15 +74,12 @@ class RunProcess:
     @classmethod
     def start(cls, config_path: str | os.PathLike, overrides: list[str], folder: Path, env: dict | None = None,
               cwd: str | os.PathLike | None = None) -> RunProcess:
-        """`overrides` must put the run's output_dir at `folder`. The run has its own session: a
-        Ctrl-C or SIGTERM reaches the caller alone, which decides what to pass on."""
+        """`overrides` must put the run's output_dir at `folder`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / LOG_FILENAME, "a") as log:
-            process = subprocess.Popen(train_command(config_path, overrides), stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, cwd=cwd, start_new_session=True,
-                                       # a single foreign call, nothing that takes a lock
-                                       preexec_fn=_stop_with_parent if _PRCTL else None)  # noqa: PLW1509
+            process = start_tied(train_command(config_path, overrides), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 cwd=cwd)
         return cls(folder, process, time.time())
 
     def poll(self) -> int | None:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from . import search_results
 from .errors import UserError
 from .files import atomic_write_json
-from .runner import RunProcess, final_score, shared_cores_env
+from .runner import RunProcess, final_score, shared_cores_env, start_tied
 from .search_space import Space, as_overrides
 
 logger = logging.getLogger("gluetune")
@@ -36,6 +35,7 @@ logger = logging.getLogger("gluetune")
 SPEC_FILENAME = "search.json"
 JOURNAL_FILENAME = "study.journal"
 LOCK_FILENAME = ".search.lock"
+WORKER_LOCK_PATTERN = ".worker-*.lock"  # held by each worker while it lives
 BUDGET_LOCK_FILENAME = ".budget.lock"
 TRIALS_DIR = "trials"
 PRUNERS = ("median", "halving", "none")
@@ -202,6 +202,7 @@ def run_search(spec: SearchSpec, jobs: int | None) -> None:
     try:
         spec.check_same_search()
         spec.save()
+        _wait_for_old_workers(spec.folder)
         study = open_study(spec, make_storage(spec))
         retried = retry_dead_trials(study, storage_is_local=spec.storage is None)
         if retried:
@@ -216,14 +217,23 @@ def run_search(spec: SearchSpec, jobs: int | None) -> None:
         lock.release()
 
 
+def _wait_for_old_workers(folder: Path) -> None:
+    """The workers of a search killed a moment ago may still be stopping their runs (each saves a
+    checkpoint); their trials are retried only once they are gone, so no run is started twice."""
+    from filelock import FileLock
+
+    for path in sorted(folder.glob(WORKER_LOCK_PATTERN)):
+        with FileLock(str(path), timeout=600):
+            pass
+
+
 def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
     workers = []
     for index in range(jobs):
         env = shared_cores_env(jobs)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index]  # each worker, and so each of its trials, sees one GPU
-        workers.append(subprocess.Popen([sys.executable, "-m", "gluetune.search", spec.search_dir, str(index)],
-                                        env=env, start_new_session=True))
+        workers.append(start_tied([sys.executable, "-m", "gluetune.search", spec.search_dir, str(index)], env=env))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         codes = [w.wait() for w in workers]
@@ -301,6 +311,8 @@ def worker_main(search_dir: str, index: int) -> int:
     from optuna.trial import TrialState
 
     spec = SearchSpec.read(Path(search_dir))
+    alive = FileLock(str(spec.folder / WORKER_LOCK_PATTERN.replace("*", str(index))), timeout=600)
+    alive.acquire()  # held for the worker's life (released by the kernel however it ends)
     space = spec.parsed_space()
     storage = make_storage(spec)
     study = open_study(spec, storage, worker=index)
