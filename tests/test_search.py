@@ -158,6 +158,24 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_ta
     assert steps and steps[-1] < 24
     assert "| 2 | pruned | 0.6255 | 1 |" in (search_dir / "trials.md").read_text()
 
+    # The finished study again, with a confirmation of the best trial over another seed
+    confirmed = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 3, "--pruner", "median",
+                                     "--startup_trials", "2", "--confirm_seeds", "7"))
+    assert confirmed.returncode == 0, confirmed.stderr[-3000:]
+    assert study_states(search_dir) == ["COMPLETE", "COMPLETE", "PRUNED"]  # no trial added
+    entry = json.loads((search_dir / "confirmation.json").read_text())[0]
+    (run,) = (search_dir / "confirm").glob("*/seed-7/metrics.json")  # a sweep of the best setting
+    again = json.loads(run.read_text())["validation"]["matthews_correlation"]
+    assert entry["median"] == again and entry["difference"] == pytest.approx(again - entry["searched"])
+    assert f"confirmed: trial {entry['trial']}" in confirmed.stdout and "difference" in confirmed.stdout
+    assert "## Confirmed over seeds" in (search_dir / "report.md").read_text()
+
+    # The best setting as a config file that `gluetune train` runs as is: the best trial again, to the digit
+    best = run_cli("-m", "gluetune", "train", "--config", str(search_dir / "best_config.yaml"))
+    assert best.returncode == 0, best.stderr[-3000:]
+    trained = json.loads((search_dir / "best" / "metrics.json").read_text())["validation"]["matthews_correlation"]
+    assert trained == record(search_dir, entry["trial"])["value"]
+
 
 @pytest.mark.slow  # about 100 s on 2 cores
 def test_a_search_killed_by_sigkill_continues_with_no_trial_lost_or_repeated(tiny_qwen, keyword_task, tmp_path):

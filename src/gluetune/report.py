@@ -321,7 +321,7 @@ def write_search_report(folder: Path) -> Path:
             lines += [f"![parameter importances]({IMPORTANCES_PNG})", ""]
     else:
         lines += [_NO_FIGURES, ""]
-    lines += ["## Parameter importances (fANOVA over the complete trials)", ""]
+    lines += ["## Parameter importances (optuna.importance over the complete trials)", ""]
     lines += [f"- `{k}`: {v:.3f}" for k, v in found.items()] or ["_Fewer than 3 complete trials, or no variation._"]
     lines += ["", "## Trials", "", search_results.trials_markdown(rows)]
     confirmation = folder / search_results.CONFIRMATION_FILENAME

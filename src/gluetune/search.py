@@ -100,6 +100,10 @@ def require_optuna():
         import optuna
     except ImportError:
         raise UserError(f"gluetune search needs optuna, which is not installed: {INSTALL_OPTUNA}") from None
+    import warnings
+
+    # RetryFailedTrialCallback and friends are marked experimental; the marks are not the user's to act on.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 

@@ -3,7 +3,7 @@
 - `trials/trial-<n>/trial.json`: the trial's parameters, state (complete, pruned, failed), score,
   the metric after each evaluation, and why it ended (a pruned trial says so here and in its log);
 - `trials.csv` / `trials.md`: one row per trial, the best first (summary.write_table, as sweeps);
-- `importances.json`: each parameter's importance (optuna.importance, fANOVA) over the finished trials;
+- `importances.json`: each parameter's importance (optuna.importance) over the complete trials;
 - `best_config.yaml`: the winning trial's config, which `gluetune train --config` runs as is;
 - `confirm/`: the best trial(s) again over several seeds, a sweep (its summary.csv), and
   `confirmation.json`: how far the confirmed median lies from the trial's own score.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def trials_markdown(rows: list[dict]) -> str:
 
 
 def importances(trials: list[TrialRecord], space, maximize: bool) -> dict[str, float]:
-    """Each parameter's share of the variation of the complete trials' scores (Optuna's fANOVA),
-    from the trial records, so Ray searches get the same figure; {} with fewer than 3 trials."""
+    """Each parameter's importance to the complete trials' scores (optuna.importance's default
+    evaluator, PED-ANOVA in Optuna 5), from the trial records, so Ray searches get the same figure;
+    {} with fewer than 3 complete trials."""
     import optuna
 
     complete = [t for t in trials if t.state == "complete" and t.value is not None]
@@ -123,7 +125,9 @@ def importances(trials: list[TrialRecord], space, maximize: bool) -> dict[str, f
         study.add_trial(optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
                                                   value=t.value))
     try:
-        found = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # "importances will be equal" for a single parameter: that is the answer
+            warnings.simplefilter("ignore", UserWarning)
+            found = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):  # every trial with the same values: nothing to apportion
         return {}
     return {k: float(v) for k, v in found.items()}
