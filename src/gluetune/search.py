@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,9 +101,7 @@ def require_optuna():
         import optuna
     except ImportError:
         raise UserError(f"gluetune search needs optuna, which is not installed: {INSTALL_OPTUNA}") from None
-    import warnings
-
-    # RetryFailedTrialCallback and friends are marked experimental; the marks are not the user's to act on.
+    # RetryHeartbeatStaleTrialCallback and friends are marked experimental; the marks are not the user's to act on.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
@@ -124,11 +123,14 @@ def make_storage(spec: SearchSpec):
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.storage:
-        from optuna.storages import RDBStorage, RetryFailedTrialCallback
+        from optuna.storages import RDBStorage
 
+        # Optuna 4.9 renamed the retry callback and RDBStorage's argument for it.
+        callback = "heartbeat_stale_trial_callback" if retry_callback_class().__name__.startswith("RetryHeart") else (
+            "failed_trial_callback")
         try:
             storage = RDBStorage(spec.storage, heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S,
-                                 failed_trial_callback=RetryFailedTrialCallback(max_retry=None))
+                                 **{callback: retry_callback_class()(max_retry=None)})
         except Exception as err:  # noqa: BLE001 (a bad URL, a missing driver, an unreachable server)
             raise UserError(f"--storage {spec.storage}: cannot open the study's database ({err})".splitlines()[0]) from None
     else:
@@ -137,6 +139,13 @@ def make_storage(spec: SearchSpec):
 
         storage = JournalStorage(JournalFileBackend(str(spec.folder / JOURNAL_FILENAME)))
     return storage
+
+
+def retry_callback_class():
+    """Optuna's callback that enqueues a failed trial again (params, user attributes, retry history)."""
+    from optuna import storages
+
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
 
 
 def make_pruner(spec: SearchSpec):
@@ -156,14 +165,13 @@ def retry_dead_trials(study, storage_is_local: bool) -> int:
     RUNNING trial is dead; a database's workers on other machines are judged by their heartbeats.
     """
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     if not storage_is_local:
         before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         optuna.storages.fail_stale_trials(study)
         return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
-    retry, dead = RetryFailedTrialCallback(max_retry=None), study.get_trials(states=(TrialState.RUNNING,))
+    retry, dead = retry_callback_class()(max_retry=None), study.get_trials(states=(TrialState.RUNNING,))
     for trial in dead:
         study.tell(trial.number, state=TrialState.FAIL)
         retry(study, study.get_trials(deepcopy=False)[trial.number])  # the same params and folder, WAITING
@@ -329,10 +337,12 @@ def worker_main(search_dir: str, index: int) -> int:
         with FileLock(str(spec.folder / BUDGET_LOCK_FILENAME)):
             if len(study.get_trials(deepcopy=False, states=counted)) >= spec.trials:
                 return 0
-            trial = study.ask()
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _Heartbeat beats
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask()
         values = {p.key: p.value_of(p.suggest(trial)) for p in space.parameters}
-        history = study.get_trials(deepcopy=False)[trial.number].system_attrs.get("retry_history")
-        number = history[0] if history else trial.number  # a retried trial resumes its first trial's run
+        first = retry_callback_class().retried_trial_number(study.get_trials(deepcopy=False)[trial.number])
+        number = trial.number if first is None else first  # a retried trial resumes its first trial's run
         heartbeat = _Heartbeat(storage, trial._trial_id)
         try:
             state, value = run_trial(spec, trial, number, values, stopping)
