@@ -53,6 +53,7 @@ def passed_env() -> dict[str, str]:
 def connect(address: str | None):
     """ray.init against `--address`, else RAY_ADDRESS, else a new local Ray; the cluster's resources."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     address = address or os.environ.get("RAY_ADDRESS")
     try:
@@ -61,6 +62,14 @@ def connect(address: str | None):
     except ConnectionError as err:
         raise UserError(f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0]}); start one with "
                         "`ray start --head`, or give its address with --address / RAY_ADDRESS") from None
+    except (AuthenticationError, RuntimeError) as err:
+        if "authentication" not in str(err).lower():
+            raise
+        # Ray 2.59+: a cluster started where ~/.ray/auth_token exists uses token authentication, and a
+        # driver given an explicit address does not turn it on by itself.
+        raise UserError(f"the Ray cluster at {address} asks for its token ({str(err).splitlines()[0]}); set "
+                        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
+                        "which `ray get-auth-token` prints on the head node") from None
     return ray.cluster_resources()
 
 
