@@ -214,7 +214,8 @@ def run_search(spec: SearchSpec, jobs: int | None) -> None:
     try:
         spec.check_same_search()
         spec.save()
-        _wait_for_old_workers(spec.folder)
+        if spec.storage is None:  # (a database's other workers may be alive on other machines: heartbeats judge)
+            _wait_for_old_workers(spec.folder)
         study = open_study(spec, make_storage(spec))
         retried = retry_dead_trials(study, storage_is_local=spec.storage is None)
         if retried:
@@ -232,11 +233,15 @@ def run_search(spec: SearchSpec, jobs: int | None) -> None:
 def _wait_for_old_workers(folder: Path) -> None:
     """The workers of a search killed a moment ago may still be stopping their runs (each saves a
     checkpoint); their trials are retried only once they are gone, so no run is started twice."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     for path in sorted(folder.glob(WORKER_LOCK_PATTERN)):
-        with FileLock(str(path), timeout=600):
-            pass
+        try:
+            with FileLock(str(path), timeout=600):
+                pass
+        except Timeout:
+            raise UserError(f"a worker of an earlier search in {folder} is still running after 10 minutes "
+                            f"({path.name} is held); stop it, then run the command again") from None
 
 
 def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
