@@ -273,3 +273,26 @@ def test_ray_search_stops_a_hopeless_trial_early_and_finishes(tiny_qwen, keyword
     assert "stopped early by Ray Tune's halving scheduler after evaluation 1" in (
         search_dir / "trials" / "trial-1" / "train.log").read_text()
     assert (search_dir / "best_config.yaml").is_file() and "| 0 **(best)** | complete | 1.0000 | 3 |" in result.stdout
+
+
+# ---------------------------------------------------------------- shape
+
+
+def test_sweeps_searches_and_reports_do_not_import_each_other():
+    """sweep, search and report share runner.py and summary.py; none of them imports a module that
+    imports it back (at the top or inside a function)."""
+    import ast
+
+    package = ROOT / "src" / "gluetune"
+    imports = {}
+    for path in package.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found.update([node.module] if node.module else [a.name for a in node.names])
+        imports[path.stem] = found
+    family = ("sweep", "search", "search_ray", "search_results", "search_space", "search_worker", "report", "summary",
+              "runner", "cli")
+    for module in family:
+        for other in imports[module]:
+            assert module not in imports.get(other, set()), f"{module} and {other} import each other"

@@ -250,7 +250,7 @@ def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
         env = shared_cores_env(jobs)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index]  # each worker, and so each of its trials, sees one GPU
-        workers.append(start_tied([sys.executable, "-m", "gluetune.search", spec.search_dir, str(index)], env=env))
+        workers.append(start_tied([sys.executable, "-m", "gluetune.search_worker", spec.search_dir, str(index)], env=env))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         codes = [w.wait() for w in workers]
@@ -400,10 +400,3 @@ def run_trial(spec: SearchSpec, trial, number: int, values: dict, stopping: list
     record.finish("complete", score, run.seconds, "")
     logger.info("trial %d: %s %.4f (%.0f s)", number, spec.metric, score, run.seconds)
     return TrialState.COMPLETE, score
-
-
-if __name__ == "__main__":  # a worker process, started by run_search
-    from .cli import setup_logging
-
-    setup_logging()
-    sys.exit(worker_main(sys.argv[1], int(sys.argv[2])))
