@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import rundir
+from .config import CONFIG_FILENAME
 from .metrics import epoch_history, primary_values, read_metrics
 
 LOG_FILENAME = "train.log"
@@ -135,6 +136,19 @@ def evaluations(folder: Path) -> list[dict]:
     except (OSError, ValueError):  # removed by the run's save_total_limit while being read
         return []
     return epoch_history(state.get("log_history", []))
+
+
+def is_last_evaluation(folder: Path, row: dict) -> bool:
+    """Whether an evaluation is the run's last (at its final epoch): stopping the run then would
+    save nothing but its final metrics."""
+    import yaml
+
+    try:
+        training = yaml.safe_load((Path(folder) / CONFIG_FILENAME).read_text())["training"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    epochs = training.get("num_train_epochs")
+    return bool(epochs) and training.get("max_steps", -1) in (-1, None) and row.get("epoch", 0) >= epochs - 1e-3
 
 
 def final_score(folder: Path) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import search_results
 from .errors import UserError
 from .files import atomic_write_json
-from .runner import RunProcess, final_score, shared_cores_env, start_tied
+from .runner import RunProcess, final_score, is_last_evaluation, shared_cores_env, start_tied
 from .search_space import Space, as_overrides
 
 logger = logging.getLogger("gluetune")
@@ -382,7 +382,7 @@ def run_trial(spec: SearchSpec, trial, number: int, values: dict, stopping: list
             if value is not None:
                 trial.report(value, step=reported)
                 record.curve.append(value)
-            if value is not None and trial.should_prune():
+            if value is not None and not is_last_evaluation(folder, row) and trial.should_prune():
                 run.stop()
                 record.finish("pruned", value, run.seconds,
                               f"pruned by the {spec.pruner} pruner after evaluation {reported} "

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import search_results
 from .config import load_config
 from .errors import UserError
-from .runner import RunProcess, evaluations, final_score
+from .runner import RunProcess, evaluations, final_score, is_last_evaluation
 from .search import SearchSpec
 
 logger = logging.getLogger("gluetune")
@@ -176,20 +176,23 @@ def GluetuneTrial():
         def step(self) -> dict:
             metric = self.spec.metric
             while True:
+                code = self.run.poll()  # before the records: once it has ended, they are complete
                 rows = evaluations(self.run.folder)
-                if len(rows) > self.reported:
+                # The last evaluation is reported with the final score, once the run has ended: a
+                # scheduler's stop then would save nothing but the final metrics.
+                if len(rows) > self.reported and not is_last_evaluation(self.run.folder, rows[self.reported]):
                     self.reported += 1
                     value = rows[self.reported - 1].get(metric)
                     self.record.curve.append(value)
                     return {metric: value, EVALUATION: self.reported}
-                code = self.run.poll()
-                if code is not None and len(evaluations(self.run.folder)) == self.reported:
+                if code is not None:
                     if code != 0:
                         self.record.finish("failed", None, self.run.seconds, f"exit {code}: {self.run.last_log_line()}")
                         raise RuntimeError(f"trial {self.record.number} failed: {self.record.reason}")
                     score = final_score(self.run.folder)
+                    self.record.curve = [row.get(metric) for row in rows]
                     self.record.finish("complete", score, self.run.seconds, "")
-                    return {metric: score, EVALUATION: self.reported, "done": True}
+                    return {metric: score, EVALUATION: len(rows), "done": True}
                 time.sleep(0.5)
 
         def save_checkpoint(self, checkpoint_dir: str) -> dict:
