@@ -2,7 +2,7 @@
 (a slice of CoLA's training set, 1-3 epochs), once without pruning and once with the median pruner:
 the wall time each took, their best trials, and the best of the pruned search confirmed over seeds.
 
-    python bench/cpu_search.py --glue_dir ../shared/data/glue --trials 8 --train_samples 2000 --out bench-search
+    python bench/cpu_search.py --glue_dir ../shared/data/glue --trials 6 --train_samples 1000 --out bench-search
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def search(out: Path, pruner: str, args, confirm: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--glue_dir", default=str(ROOT.parent / "shared/data/glue"))
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--startup_trials", type=int, default=3)
-    parser.add_argument("--train_samples", type=int, default=2000)
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--startup_trials", type=int, default=2)
+    parser.add_argument("--train_samples", type=int, default=1000)
     parser.add_argument("--confirm_seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=Path("bench-search"))
     args = parser.parse_args()
