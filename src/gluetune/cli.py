@@ -1,4 +1,4 @@
-"""The `gluetune` command: train, predict, evaluate, submit, sweep, params, export, report, cache.
+"""The `gluetune` command: train, predict, evaluate, submit, sweep, search, params, export, report, cache.
 
 Heavy libraries (torch, transformers) load inside the commands, after what can be checked
 without them (the config file exists and parses), so a typo is reported at once.
@@ -57,6 +57,29 @@ def _predict_parser(parser: argparse.ArgumentParser) -> None:
     _add_batch_size(parser)
 
 
+def _search_parser(parser: argparse.ArgumentParser) -> None:
+    _add_config(parser)
+    parser.add_argument("--space", required=True, help="YAML: section.key: {loguniform|uniform|int|choice: ...}")
+    parser.add_argument("--trials", type=int, default=20, help="trials in the study, all workers together (default 20)")
+    parser.add_argument("--search_dir", required=True, help="the study, one folder per trial, the summary and report")
+    parser.add_argument("--jobs", type=int, help="trials at once (default: one per GPU, else 1; the cores are shared)")
+    parser.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
+                        help="stop trials that fall behind: median (Optuna's MedianPruner), halving (successive "
+                             "halving; ASHA on Ray) or none (default median)")
+    parser.add_argument("--startup_trials", type=int, default=3,
+                        help="trials sampled at random and never pruned before the sampler and pruner learn (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0; worker i uses seed + i)")
+    parser.add_argument("--storage", help="a database URL (postgresql://...) to share the study between machines; "
+                                          "default: a journal file in --search_dir")
+    parser.add_argument("--engine", choices=("optuna", "ray"), default="optuna",
+                        help="optuna (worker processes here, default) or ray (trials on a Ray cluster)")
+    parser.add_argument("--address", help="--engine ray: the cluster (default RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--cpus_per_trial", type=float, default=1, help="--engine ray: CPUs per trial (default 1)")
+    parser.add_argument("--gpus_per_trial", type=float, default=0, help="--engine ray: GPUs per trial (default 0)")
+    parser.add_argument("--confirm_seeds", help="re-run the best trial(s) with these seeds (e.g. 1,2,3)")
+    parser.add_argument("--confirm_top", type=int, default=1, help="how many of the best trials to confirm (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gluetune", description="Parameter-efficient fine-tuning on GLUE-style tasks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--jobs", type=int, default=1, help="runs at once (default 1; the cores are shared out)")
     sweep.add_argument("--rerun", metavar="SETTING", help="train a summary row's runs again from their records")
     sweep.add_argument("--rerun_dir", help="where --rerun's runs go (default <sweep_dir>/rerun)")
+
+    _search_parser(commands.add_parser("search", help="search a space of --set values (Optuna here, or a Ray "
+                                                      "cluster); prune trials that fall behind, confirm the best"))
 
     params = commands.add_parser("params", help="count trainable parameters from the model's config alone (no weights)")
     _add_config(params)
@@ -202,6 +228,61 @@ def run_sweep(args) -> int:
     return 0
 
 
+def run_search(args) -> int:
+    from pathlib import Path
+
+    from . import search, search_results
+    from .arguments import lower_is_better
+    from .config import load_config, read_yaml_file
+    from .search_space import check_against_config, read_space
+
+    for name in ("trials", "jobs", "startup_trials", "confirm_top"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "startup_trials" else 1):
+            raise UserError(f"--{name} {getattr(args, name)}: expected a positive integer")
+    read_yaml_file(args.config)
+    search.require_optuna()  # both engines: Ray Tune searches with Optuna's sampler
+    if args.engine == "ray":
+        from . import search_ray
+
+        search_ray.require_ray()
+    space = read_space(args.space)
+    seeds = None
+    if args.confirm_seeds:
+        from .sweep import parse_seeds
+
+        seeds = parse_seeds(args.confirm_seeds)
+    quiet_libraries()
+    config = load_config(args.config, args.overrides)
+    check_against_config(space, args.config, args.overrides)
+    metric = config.task.primary_metric
+    spec = search.SearchSpec(
+        config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=space.to_dict(),
+        space_source=str(Path(args.space).resolve()), metric=metric,
+        direction="minimize" if lower_is_better(metric) else "maximize", search_dir=str(Path(args.search_dir).resolve()),
+        trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed,
+        storage=args.storage)
+    if args.engine == "ray":
+        search_ray.run_search(spec, args.jobs, args.address, args.cpus_per_trial, args.gpus_per_trial)
+    else:
+        search.run_search(spec, args.jobs)
+    rows = search.summarize(spec)
+    if not rows:
+        raise UserError(f"the search in {spec.folder} has no trials yet")
+    print(search_results.trials_markdown(rows), end="")
+    found = search_results.importances(search_results.read_trials(spec.folder), spec.parsed_space(),
+                                       spec.direction == "maximize")
+    if found:
+        print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
+    best = spec.folder / search_results.BEST_CONFIG_FILENAME
+    if best.is_file():
+        print(f"best setting: {best} (gluetune train --config {best})")
+    if seeds:
+        for entry in search.confirm(spec, seeds, args.confirm_top, args.jobs or 1):
+            print("confirmed: " + search_results.describe_confirmation(entry, metric))
+    print(f"report: {spec.folder / 'report.md'}")
+    return 0
+
+
 def run_params(args) -> int:
     from .config import load_config, read_yaml_file
 
@@ -246,7 +327,7 @@ def run_cache(args) -> int:
 
 COMMANDS = {
     "train": run_train, "predict": run_predict, "evaluate": run_evaluate, "submit": run_submit, "sweep": run_sweep,
-    "params": run_params, "export": run_export, "report": run_report, "cache": run_cache,
+    "search": run_search, "params": run_params, "export": run_export, "report": run_report, "cache": run_cache,
 }
 
 

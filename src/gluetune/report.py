@@ -1,9 +1,11 @@
-"""`gluetune report`: report.md and small PNG figures for a finished run or a sweep.
+"""`gluetune report`: report.md and small PNG figures for a finished run, a sweep or a search.
 
 A run's report shows training loss and the primary metric per epoch, the validation confusion
 matrix (or, for regression, predicted against true scores), the per-epoch table, the final
 metrics and which epoch was kept. A sweep's report shows every seed's primary metric per
-setting, with the median, and the summary table.
+setting, with the median, and the summary table. A search's report shows each trial's score in
+the order they ran, every trial's metric per evaluation (pruned ones cut short), the parameters'
+importances, the trial table and the confirmation of the best trial(s).
 
 Figures are drawn on `matplotlib.figure.Figure` objects rendered by Agg: headless, and without
 touching pyplot's global state or backend in the caller's process.
@@ -11,17 +13,18 @@ touching pyplot's global state or backend in the caller's process.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import logging
 from pathlib import Path
 
-from . import rundir
+from . import rundir, search_results
+from .arguments import lower_is_better
 from .config import CONFIG_FILENAME, load_saved_config
 from .errors import UserError
 from .files import atomic_write_text
 from .metrics import read_metrics
+from .summary import SUMMARY_CSV, markdown_table, read_summary, read_table, seed_scores
 from .tasks import Task
 
 logger = logging.getLogger("gluetune")
@@ -32,7 +35,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 SCATTER_PNG = "predictions_vs_labels.png"
 SWEEP_PNG = "sweep.png"
 PREDICTIONS_FILENAME = "validation_predictions.jsonl"
-SWEEP_SUMMARY = "summary.csv"  # written by gluetune.sweep
+SWEEP_SUMMARY = SUMMARY_CSV
 DPI = 100  # small files; the figures are read on screen
 _NOT_METRICS = ("epoch", "step", "train_loss", "loss", "predicted_classes")
 
@@ -42,12 +45,15 @@ def write_report(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"report: folder not found: {folder}")
+    if (folder / search_results.TRIALS_CSV).is_file():
+        return write_search_report(folder)
     if (folder / SWEEP_SUMMARY).is_file():
         return write_sweep_report(folder)
     if (folder / CONFIG_FILENAME).is_file() and rundir.is_finished(folder):
         return write_run_report(folder)
-    raise UserError(f"report: {folder} is neither a finished gluetune run (no {rundir.METRICS_FILENAME}) nor a "
-                    f"sweep folder (no {SWEEP_SUMMARY}); expected one of them")
+    raise UserError(f"report: {folder} is neither a finished gluetune run (no {rundir.METRICS_FILENAME}), a "
+                    f"sweep folder (no {SWEEP_SUMMARY}) nor a search folder (no {search_results.TRIALS_CSV}); "
+                    "expected one of them")
 
 
 def _figures_possible() -> bool:
@@ -243,9 +249,7 @@ def plot_predictions_vs_labels(predictions: dict[str, tuple[list, list]], path: 
 
 
 def write_sweep_report(folder: Path) -> Path:
-    from .sweep import markdown_table
-
-    rows = read_sweep_summary(folder / SWEEP_SUMMARY)
+    rows = read_summary(folder / SWEEP_SUMMARY)
     metric = rows[0]["metric"]
     lines = [f"# Sweep report: {folder.name}", "",
              f"{len(rows)} setting(s), {metric} on the validation split of each run (`<setting>/seed-<n>/`).", ""]
@@ -258,45 +262,6 @@ def write_sweep_report(folder: Path) -> Path:
     path = folder / REPORT_FILENAME
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-_SWEEP_COLUMNS = ("setting", "metric", "seeds", "per_seed", "best", "accuracy_median", "best_epoch_median",
-                  "degenerate_runs")
-_SWEEP_STATS = ("median", "mean", "std", "min", "max")
-
-
-def read_sweep_summary(path: Path) -> list[dict]:
-    """The rows of a sweep's summary.csv, values typed as `sweep.summarize` made them."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [{key: _typed(value) for key, value in row.items()} for row in csv.DictReader(f)]
-    needed = [*_SWEEP_COLUMNS, *(f"{rows[0].get('metric')}_{s}" for s in _SWEEP_STATS)] if rows else _SWEEP_COLUMNS
-    missing = [c for c in needed if not rows or c not in rows[0]]
-    if missing:
-        raise UserError(f"report: {path} is not a gluetune sweep summary (no rows, or no column {missing[0]}); "
-                        "expected the summary.csv that `gluetune sweep` writes")
-    return rows
-
-
-def _typed(text: str):
-    if text in ("", None):
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def seed_scores(row: dict) -> dict[int, float]:
-    """The per_seed column `1:0.3716;2:0.3989` as {seed: score}."""
-    scores = {}
-    for item in filter(None, str(row["per_seed"] or "").split(";")):
-        seed, score = item.split(":", 1)
-        scores[int(seed)] = float(score)
-    return scores
 
 
 def seeds_table(rows: list[dict]) -> str:
@@ -327,4 +292,106 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
                   if len(rows) > 3 else "center", fontsize=8)
     ax.set(ylabel=metric, title=f"{metric} per setting")
     ax.legend()
+    figure.savefig(path, dpi=DPI)
+
+
+# ---------------------------------------------------------------- a search
+
+SEARCH_HISTORY_PNG = "search_history.png"
+SEARCH_CURVES_PNG = "search_curves.png"
+IMPORTANCES_PNG = "importances.png"
+
+
+def write_search_report(folder: Path) -> Path:
+    rows = search_results_table(folder)
+    metric = rows[0]["metric"]
+    found = json.loads((folder / search_results.IMPORTANCES_FILENAME).read_text()) if (
+        folder / search_results.IMPORTANCES_FILENAME).is_file() else {}
+    counts = {state: sum(r["state"] == state for r in rows) for state in search_results.STATES}
+    lines = [f"# Search report: {folder.name}", "",
+             f"{len(rows)} trial(s): " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+             + f"; {metric} on the validation split of each trial (`trials/trial-<n>/`).", ""]
+    if _figures_possible():
+        plot_search_history(rows, folder / SEARCH_HISTORY_PNG)
+        plot_search_curves(rows, folder / SEARCH_CURVES_PNG)
+        lines += [f"![{metric} of each trial in the order they ran]({SEARCH_HISTORY_PNG})", "",
+                  f"![{metric} after each evaluation; pruned trials end early]({SEARCH_CURVES_PNG})", ""]
+        if found:
+            plot_importances(found, folder / IMPORTANCES_PNG)
+            lines += [f"![parameter importances]({IMPORTANCES_PNG})", ""]
+    else:
+        lines += [_NO_FIGURES, ""]
+    lines += ["## Parameter importances (optuna.importance over the complete trials)", ""]
+    lines += [f"- `{k}`: {v:.3f}" for k, v in found.items()] or ["_Fewer than 3 complete trials, or no variation._"]
+    lines += ["", "## Trials", "", search_results.trials_markdown(rows)]
+    confirmation = folder / search_results.CONFIRMATION_FILENAME
+    if confirmation.is_file():
+        lines += ["## Confirmed over seeds", ""]
+        lines += [f"- {search_results.describe_confirmation(e, metric)}" for e in json.loads(confirmation.read_text())]
+        lines.append("")
+    if (folder / search_results.BEST_CONFIG_FILENAME).is_file():
+        lines += [(f"The best setting: `{search_results.BEST_CONFIG_FILENAME}` (`gluetune train --config "
+                  f"{search_results.BEST_CONFIG_FILENAME}`)."), ""]
+    path = folder / REPORT_FILENAME
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def search_results_table(folder: Path) -> list[dict]:
+    rows = read_table(folder / search_results.TRIALS_CSV)
+    if not rows or "state" not in rows[0]:
+        raise UserError(f"report: {folder / search_results.TRIALS_CSV} is not a gluetune search table; "
+                        "expected the trials.csv that `gluetune search` writes")
+    return rows
+
+
+def _curve(row: dict) -> list[float]:
+    return [float(v) for v in str(row.get("curve") or "").split(";") if v]
+
+
+def plot_search_history(rows: list[dict], path: Path) -> None:
+    """Each trial's score by trial number (pruned: its last evaluation, hollow), and the best so far."""
+    metric = rows[0]["metric"]
+    maximize = not lower_is_better(metric)
+    figure = _new_figure(6, 3.4)
+    ax = figure.subplots()
+    ordered = sorted(rows, key=lambda r: r["trial"])
+    for state, style in (("complete", {"color": "tab:blue"}), ("pruned", {"facecolors": "none", "edgecolors": "grey"})):
+        points = [(r["trial"], r["value"]) for r in ordered if r["state"] == state and r["value"] is not None]
+        if points:
+            ax.scatter(*zip(*points), s=22, label=state, zorder=3, **style)
+    best, steps = None, []
+    for r in ordered:
+        if r["state"] == "complete" and r["value"] is not None:
+            best = r["value"] if best is None else (max if maximize else min)(best, r["value"])
+        if best is not None:
+            steps.append((r["trial"], best))
+    if steps:
+        ax.step(*zip(*steps), where="post", color="tab:red", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, title=f"{metric} per trial")
+    ax.legend()
+    figure.savefig(path, dpi=DPI)
+
+
+def plot_search_curves(rows: list[dict], path: Path) -> None:
+    metric = rows[0]["metric"]
+    figure = _new_figure(6, 3.4)
+    ax = figure.subplots()
+    for r in sorted(rows, key=lambda r: r["trial"]):
+        curve = _curve(r)
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, alpha=0.8,
+                    linestyle="--" if r["state"] == "pruned" else "-", label=f"trial {r['trial']}" if len(rows) <= 10 else None)
+    ax.set(xlabel="evaluation (epoch)", ylabel=metric, title=f"{metric} per evaluation (dashed: pruned)")
+    if len(rows) <= 10 and ax.lines:
+        ax.legend(fontsize=7)
+    figure.savefig(path, dpi=DPI)
+
+
+def plot_importances(found: dict[str, float], path: Path) -> None:
+    figure = _new_figure(6, 1.2 + 0.4 * len(found))
+    ax = figure.subplots()
+    names = list(found)[::-1]
+    ax.barh(names, [found[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance", title="parameter importances")
     figure.savefig(path, dpi=DPI)

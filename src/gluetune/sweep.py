@@ -8,15 +8,11 @@ gives, per setting, the median (what papers report), mean, std, min and max over
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
-import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -28,13 +24,16 @@ import yaml
 from . import progress, rundir
 from .config import check_same_settings, load_config, parse_yaml
 from .errors import UserError
-from .files import atomic_write_text
 from .metrics import primary_values, read_metrics
+from .report import write_report
+from .runner import RunProcess, shared_cores_env
+from .summary import SUMMARY_CSV, SUMMARY_MD, describe_run, markdown_table, summarize, write_summary
+
+__all__ = ["SUMMARY_CSV", "SUMMARY_MD", "markdown_table", "parse_grid", "parse_seeds", "run_sweep", "summarize",
+           "write_summary"]
 
 logger = logging.getLogger("gluetune")
 
-SUMMARY_CSV = "summary.csv"
-SUMMARY_MD = "summary.md"
 RECORD_FILENAME = rundir.RECORD_FILENAME
 
 
@@ -108,18 +107,6 @@ def plan(sweep_dir: Path, settings: list[Setting], seeds: list[int]) -> list[Run
     return [Run(s, seed, sweep_dir / s.name / f"seed-{seed}") for s in settings for seed in seeds]
 
 
-def _run_env(jobs: int) -> dict:
-    env = dict(os.environ)
-    if jobs > 1:  # share the cores instead of oversubscribing them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    return env
-
-
-def _command(config_path: str, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "gluetune", "train", "--config", config_path, "--resume",
-            *[arg for o in overrides for arg in ("--set", o)]]
-
-
 def run_sweep(config_path: str, base_overrides: list[str], settings: list[Setting], seeds: list[int],
               sweep_dir: Path, jobs: int = 1) -> list[dict]:
     """Run every (setting, seed) not finished yet, then write and return the summary rows."""
@@ -133,8 +120,6 @@ def run_sweep(config_path: str, base_overrides: list[str], settings: list[Settin
     rows = summarize(sweep_dir, settings, seeds)
     write_summary(sweep_dir, rows)
     if rows:
-        from .report import write_report
-
         write_report(sweep_dir)  # the figure of every seed per setting, and report.md
     if failures:
         raise UserError(
@@ -154,7 +139,7 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
     Each training runs in its own session, so a Ctrl-C or SIGTERM reaches the sweep alone, which
     passes one SIGTERM on: the trainings save a checkpoint, and the next sweep command resumes them.
     """
-    running: list[tuple[int, Run, subprocess.Popen, float]] = []
+    running: list[tuple[int, Run, RunProcess]] = []
     failures: list[Run] = []
     overall = progress.bar(total=len(runs), desc="sweep", unit="run", leave=True)
 
@@ -167,23 +152,21 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
     def wait_for_one():
         while True:
             for entry in running:
-                index, run, process, started = entry
+                index, run, process = entry
                 code = process.poll()
                 if code is None:
                     continue
                 running.remove(entry)
                 label = f"[{index}/{len(runs)}] {run.setting.name} seed {run.seed}"
                 if code == 0:
-                    say(f"{label}: {describe_run(run.folder)} ({time.time() - started:.0f} s)")
+                    say(f"{label}: {describe_run(run.folder)} ({process.seconds:.0f} s)")
                 else:
                     failures.append(run)
-                    log = run.folder / "train.log"
-                    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-                    say(f"{label}: failed (exit {code}): {lines[-1] if lines else 'no output'}", warning=True)
+                    say(f"{label}: failed (exit {code}): {process.last_log_line()}", warning=True)
                 overall.update(1)
                 return
             if not overall.disable:  # each running run's last logged step, from its train.log
-                overall.set_postfix_str(", ".join(f"seed {r.seed} {_last_step(r.folder)}" for _, r, _, _ in running))
+                overall.set_postfix_str(", ".join(f"seed {r.seed} {p.last_step()}" for _, r, p in running))
             time.sleep(0.5)
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -195,20 +178,17 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
                 continue
             while len(running) >= jobs:
                 wait_for_one()
-            run.folder.mkdir(parents=True, exist_ok=True)
-            with open(run.folder / "train.log", "a") as log:
-                process = subprocess.Popen(_command(config_path, run.overrides(base_overrides)), stdout=log,
-                                           stderr=subprocess.STDOUT, env=_run_env(jobs), start_new_session=True)
-            running.append((index, run, process, time.time()))
+            process = RunProcess.start(config_path, run.overrides(base_overrides), run.folder, shared_cores_env(jobs))
+            running.append((index, run, process))
             if overall.disable:
                 logger.info("[%d/%d] %s seed %d: started (log: %s)", index, len(runs), run.setting.name, run.seed,
                             run.folder / "train.log")
         while running:
             wait_for_one()
     except KeyboardInterrupt:
-        for _, _, process, _ in running:
-            process.send_signal(signal.SIGTERM)
-        for _, run, process, _ in running:
+        for _, _, process in running:
+            process.process.send_signal(signal.SIGTERM)
+        for _, run, process in running:
             process.wait()
             logger.warning("%s seed %d: stopped with a checkpoint; run the sweep again to resume it",
                            run.setting.name, run.seed)
@@ -217,110 +197,6 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
         overall.close()
         signal.signal(signal.SIGTERM, previous)
     return failures
-
-
-def _last_step(folder: Path) -> str:
-    """'step 120/1876' from the end of a run's train.log ('' before its first logged step)."""
-    try:
-        with open(folder / "train.log", "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    found = re.findall(r"step (\d+/\d+)", tail)
-    return f"step {found[-1]}" if found else ""
-
-
-# ---------------------------------------------------------------- summaries
-
-
-def describe_run(folder: Path) -> str:
-    metrics = read_metrics(folder)
-    primary = metrics["primary_metric"]
-    values = primary_values(metrics)
-    text = f"{primary} {values[primary]:.4f}"
-    if "accuracy" in values:
-        text += f", accuracy {values['accuracy']:.4f}"
-    if values.get("predicted_classes") == 1:
-        text += " (DEGENERATE: one class predicted for every validation example)"
-    return text
-
-
-def _best_epoch(folder: Path, metrics: dict) -> float | None:
-    name = metrics.get("best_checkpoint")
-    state = folder / name / "trainer_state.json" if name else None
-    if state and state.is_file():
-        return json.loads(state.read_text()).get("epoch")
-    return None
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-    }
-
-
-def summarize(sweep_dir: Path, settings: list[Setting], seeds: list[int]) -> list[dict]:
-    """One row per setting over its finished seeds; the best median of the primary metric is marked."""
-    rows = []
-    for setting in settings:
-        finished = []
-        for seed in seeds:
-            folder = sweep_dir / setting.name / f"seed-{seed}"
-            if rundir.is_finished(folder):
-                finished.append((seed, folder, read_metrics(folder)))
-        if not finished:
-            continue
-        primary = finished[0][2]["primary_metric"]
-        values = [primary_values(m) for _, _, m in finished]
-        scores = [v[primary] for v in values]
-        accuracies = [v.get("accuracy", float("nan")) for v in values]
-        epochs = [e for e in (_best_epoch(f, m) for _, f, m in finished) if e is not None]
-        row = {"setting": setting.name, "metric": primary, "seeds": len(finished)}
-        row.update({f"{primary}_{k}": v for k, v in _stats(scores).items()})
-        row.update({f"accuracy_{k}": v for k, v in _stats(accuracies).items()})
-        row["best_epoch_median"] = statistics.median(epochs) if epochs else None
-        row["degenerate_runs"] = sum(1 for v in values if v.get("predicted_classes") == 1)
-        row["per_seed"] = ";".join(f"{seed}:{score:.4f}" for (seed, _, _), score in zip(finished, scores))
-        rows.append(row)
-    if rows:
-        key = f"{rows[0]['metric']}_median"
-        best = max(rows, key=lambda r: r[key])
-        for row in rows:
-            row["best"] = row is best
-    return rows
-
-
-def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(sweep_dir / SUMMARY_CSV, buffer.getvalue())
-    atomic_write_text(sweep_dir / SUMMARY_MD, markdown_table(rows))
-
-
-def markdown_table(rows: list[dict]) -> str:
-    metric = rows[0]["metric"]
-    header = (f"| setting | seeds | {metric} median | mean ± std | min | max | accuracy median | "
-              "best epoch (median) | degenerate runs |")
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        mark = " **(best)**" if r["best"] else ""
-        epoch = "" if r["best_epoch_median"] is None else f"{r['best_epoch_median']:g}"
-        lines.append(
-            f"| `{r['setting']}`{mark} | {r['seeds']} | {r[f'{metric}_median']:.4f} | "
-            f"{r[f'{metric}_mean']:.4f} ± {r[f'{metric}_std']:.4f} | {r[f'{metric}_min']:.4f} | "
-            f"{r[f'{metric}_max']:.4f} | {r['accuracy_median']:.4f} | {epoch} | {r['degenerate_runs']} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- re-running a row from its records
