@@ -19,7 +19,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
+from . import arguments, card, cudagraphs, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
 from .config import RunConfig, check_same_settings, save_config
 from .errors import RunInterrupted, UserError
@@ -113,9 +113,23 @@ def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArgume
     for notice in [] if quiet or not distributed.is_main_process() else notices + more:
         logger.warning(notice)
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (ValueError, TypeError) as err:
         raise UserError(f"{config.source}: training: {err}".splitlines()[0]) from None
+    check_cuda_graphs(config, args)
+    return args
+
+
+def check_cuda_graphs(config: RunConfig, args: TrainingArguments) -> None:
+    """`training.cuda_graphs` where it can run: a CUDA GPU, one process (cudagraphs.py)."""
+    if not config.training.get("cuda_graphs"):
+        return
+    if not cuda_available():
+        raise UserError(f"{config.source}: training.cuda_graphs: CUDA graphs need a CUDA GPU and this machine has none "
+                        f"({device_name()}); set training.cuda_graphs=false (the fast path runs without them)")
+    if args.world_size > 1:
+        raise UserError(f"{config.source}: training.cuda_graphs: captured steps run in one process, this run has "
+                        f"{args.world_size}; set training.cuda_graphs=false")
 
 
 # ---------------------------------------------------------------- the run
@@ -255,7 +269,12 @@ def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: 
                        "(the same training, each process holding the whole model)")
     trainer.remove_callback(PrinterCallback)  # progress.ConsoleProgress shows progress instead
     trainer.remove_callback(ProgressCallback)
-    fastpath.prepare_model(trainer, config, cuda_available())
+    if fastpath.enabled(config):
+        layers = fastpath.prepare_model(trainer, config, cuda_available())
+        train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
+        fastpath.rehearse(trainer, train_batches, eval_batches, layers)
+        if config.training.get("cuda_graphs"):
+            cudagraphs.use_graphs(trainer, train_batches)
     return trainer
 
 
