@@ -143,8 +143,9 @@ class TrainOutcome:
     predictions: dict[str, Any] | None = None  # validation split -> PredictionOutput of the final model
 
 
-def train(config: RunConfig) -> TrainOutcome:
-    """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics."""
+def train(config: RunConfig, callbacks: list | None = None) -> TrainOutcome:
+    """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics.
+    `callbacks`: more TrainerCallbacks for this run (e.g. a benchmark's timers)."""
     args = training_arguments(config)
     output_dir = config.output_dir
     created = not output_dir.exists()
@@ -154,7 +155,7 @@ def train(config: RunConfig) -> TrainOutcome:
         if finished:
             logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
             return TrainOutcome(metrics=metrics.read_metrics(output_dir))
-        return _train_in(config, args, checkpoint)
+        return _train_in(config, args, checkpoint, callbacks or [])
     finally:
         if lock is not None:
             lock.release()
@@ -173,7 +174,7 @@ def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock) -> tuple[bool
     return False, rundir.prepare(output_dir, control.resume, control.overwrite)
 
 
-def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None) -> TrainOutcome:
+def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None, callbacks: list) -> TrainOutcome:
     started = time.time()
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
     tokenizer, model = _load_model(config, args)
@@ -181,7 +182,7 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
     evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
     stop, board = GracefulStop(), _tensorboard(config)
-    trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop])
+    trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop, *callbacks])
     if distributed.is_main_process():
         save_config(config, config.output_dir)
         rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
