@@ -127,8 +127,14 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, examples: int, epochs: 
 def run_baseline(model: Path, glue_dir: Path, out: Path, examples: int, epochs: int) -> None:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     sys.path.insert(0, str(ROOT / "src"))
     from gluetune.data import read_glue_split

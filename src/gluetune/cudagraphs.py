@@ -129,7 +129,7 @@ class GraphedSteps:
     def __call__(self, inputs: dict[str, torch.Tensor], num_items_in_batch) -> torch.Tensor | None:
         """The step's loss (its gradients in `.grad`), or None for a shape without a graph."""
         captured = self.graphs.get(tuple(inputs["input_ids"].shape))
-        if captured is None or num_items_in_batch is None:
+        if captured is None or num_items_in_batch is None or set(inputs) != set(captured[0].tensors):
             return None
         static, graph, loss = captured
         static.load(inputs)
