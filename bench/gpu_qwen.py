@@ -290,8 +290,10 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)"
     print(f"device: {device}; torch {torch.__version__}; model shapes: {Path(args.model_config).name}"
           f"{' shrunk (smoke)' if args.smoke else ''}; epochs: {args.epochs:g}", flush=True)
+    if args.graphs and not torch.cuda.is_available():
+        print("gluetune-graphs: skipped (no CUDA here; training.cuda_graphs is refused without it)", flush=True)
     fast = (["gluetune-fast (cold)", "gluetune-fast (warm)"] if args.fast else []) + (
-        ["gluetune-graphs (cold)", "gluetune-graphs (warm)"] if args.graphs else [])
+        ["gluetune-graphs (cold)", "gluetune-graphs (warm)"] if args.graphs and torch.cuda.is_available() else [])
     contenders = (([] if args.skip_gluetune else ["gluetune"]) + (["gluetune-compile"] if args.compile else []) + fast
                   + ([] if args.skip_baseline else ["baseline"]))
     fast_epochs = args.fast_epochs or args.epochs

@@ -158,10 +158,14 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, examples: int, epochs: 
 def child(args) -> None:
     import warnings
 
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+    # One thread: the tiny model needs no parallel arithmetic, and a thread pool's hand-offs would add
+    # the machine's scheduling noise to the host work this measures.
+    torch.set_num_threads(1)
     clock = StepClock(profile=args.contender != "fast")  # the fast path's compiled code hides from cProfile
     with_clock(clock)
     out = Path(tempfile.mkdtemp(prefix=f"host-overhead-{args.contender}-"))
@@ -194,7 +198,7 @@ def main() -> None:
     from machine import cpu_name
 
     src = Path(args.src).resolve() if args.src else ROOT / "src"
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} (1 thread per contender), "
           f"python {platform.python_version()}; gluetune from {src}", flush=True)
     print(f"tiny Qwen2 (2 layers, 32 wide), real CoLA: {args.examples} sentences x {args.epochs} epochs, batch 32 a step; "
           f"steps/s after the first {WARMUP_STEPS}", flush=True)
