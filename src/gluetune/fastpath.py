@@ -115,7 +115,7 @@ def repeated_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def prepare_model(trainer, config, cuda: bool) -> list[torch.nn.Module]:
+def prepare_model(trainer, config) -> list[torch.nn.Module]:
     """Compile each repeated layer in place (regional compilation); returns the compiled layers.
 
     No `mode="reduce-overhead"` on CUDA: one compiled block entered 28 times a step and CUDA-graph
@@ -240,6 +240,8 @@ def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layer
     if not layers:
         return True
     model, started = trainer.model, time.perf_counter()
+    logger.info("fast path: compiling for %d training and %d evaluation shapes before the first step",
+                len(train_batches), len(eval_batches))
 
     def run_every_shape():
         model.train()
@@ -257,6 +259,5 @@ def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layer
         logger.warning("fast path: compiling the layers failed (%s); training with eager layers instead "
                        "(same results, slower)", failure)
         return False
-    logger.info("fast path: %d training and %d evaluation shapes compiled in %.0f s", len(train_batches),
-                len(eval_batches), time.perf_counter() - started)
+    logger.info("fast path: compiled in %.0f s", time.perf_counter() - started)
     return True

@@ -271,7 +271,7 @@ def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: 
     trainer.remove_callback(PrinterCallback)  # progress.ConsoleProgress shows progress instead
     trainer.remove_callback(ProgressCallback)
     if fastpath.enabled(config):
-        layers = fastpath.prepare_model(trainer, config, cuda_available())
+        layers = fastpath.prepare_model(trainer, config)
         train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
         fastpath.rehearse(trainer, train_batches, eval_batches, layers)
         if config.training.get("cuda_graphs"):
