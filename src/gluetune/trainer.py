@@ -48,6 +48,7 @@ class GluetuneTrainer(Trainer):
         self.loss_watch = loss_watch
         self._flops_per_token: int | None = None
         self.graphed_steps = None
+        self._is_regression: bool | None = None
         # The Trainer counts the step's examples (num_items_in_batch) only for models it believes
         # normalise by it; compute_loss below always does.
         self.model_accepts_loss_kwargs = True
@@ -104,7 +105,7 @@ class GluetuneTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs.logits.float()
         kept = labels != -100  # -100: a filler row (fastpath), as in transformers' losses
-        if getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression":
+        if self._regression(model):
             # masked rather than indexed: boolean indexing waits for the device (and cannot be captured)
             total = torch.where(kept, logits.view(-1) - labels.float(), 0).square().sum()
         else:
@@ -119,6 +120,13 @@ class GluetuneTrainer(Trainer):
             loss = loss * self.args.world_size
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def _regression(self, model) -> bool:
+        # Asked once: accelerate's unwrap_model walks every module of the model on each call (looking
+        # for compiled regions), which cost each micro-batch a walk over ~1,500 modules on the 1.5B.
+        if self._is_regression is None:
+            self._is_regression = getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression"
+        return self._is_regression
 
     def use_graphed_steps(self, steps) -> None:
         """`steps(inputs, num_items_in_batch)` runs forward and backward of a batch (a captured CUDA
