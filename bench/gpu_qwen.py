@@ -118,7 +118,7 @@ def epoch_timer(started: float):
             self.eval_s.append(sum(v for k, v in (metrics or {}).items() if k.endswith("_runtime")))
 
         def report(self) -> dict:
-            return {"prepare_s": self.prepare_s, "epoch_train_s": self.train_s, "epoch_eval_s": self.eval_s}
+            return {"prepare_s": self.prepare_s, "epoch_train_s": list(self.train_s), "epoch_eval_s": list(self.eval_s)}
 
     return EpochTimer()
 
