@@ -199,12 +199,11 @@ class RandomState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def rehearse_step(trainer, batch: dict) -> None:
-    """Forward and backward of one training batch, as the Trainer runs it, without an update."""
+def rehearsal_loss(trainer, batch: dict) -> torch.Tensor:
+    """The loss of one batch, computed as the Trainer's training and evaluation steps compute it."""
     inputs = {k: v.to(trainer.args.device) for k, v in batch.items()}
     with trainer.compute_loss_context_manager():
-        loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=torch.ones((), device=trainer.args.device))
-    loss.backward()
+        return trainer.compute_loss(trainer.model, inputs, num_items_in_batch=torch.ones((), device=trainer.args.device))
 
 
 def attempt(trainer, action: Callable[[], None]) -> str | None:
@@ -246,12 +245,12 @@ def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layer
     def run_every_shape():
         model.train()
         for batch in train_batches:
-            rehearse_step(trainer, batch)
+            rehearsal_loss(trainer, batch).backward()
             model.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad():
             for batch in eval_batches:
-                model(**{k: v.to(trainer.args.device) for k, v in batch.items() if k != "labels"})
+                rehearsal_loss(trainer, batch)
 
     failure = attempt(trainer, run_every_shape)
     if failure is not None:
