@@ -123,7 +123,8 @@ class GluetuneTrainer(Trainer):
 
     def _regression(self, model) -> bool:
         # Asked once: accelerate's unwrap_model walks every module of the model on each call (looking
-        # for compiled regions), which cost each micro-batch a walk over ~1,500 modules on the 1.5B.
+        # for compiled regions); per micro-batch that was half the module walks of a step
+        # (docs/performance.md, host overhead).
         if self._is_regression is None:
             self._is_regression = getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression"
         return self._is_regression
