@@ -126,33 +126,26 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, examples: int, epochs: 
 
 def run_baseline(model: Path, glue_dir: Path, out: Path, examples: int, epochs: int) -> None:
     import torch
+    import transformers as hf
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
 
     sys.path.insert(0, str(ROOT / "src"))
     from gluetune.data import read_glue_split
     from gluetune.tasks import get_task
 
-    set_seed(42)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    hf.set_seed(42)
+    tokenizer = hf.AutoTokenizer.from_pretrained(model)
     train = read_glue_split(glue_dir, get_task("cola"), "train").select(range(examples))
     train = train.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True)
-    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, pad_token_id=tokenizer.pad_token_id,
-                                                              dtype=torch.float32)
+    base = hf.AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                                                                 dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=16,
-                             gradient_accumulation_steps=2, learning_rate=3e-4, optim="adamw_torch",
-                             eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10, seed=42,
-                             use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False)
-    Trainer(model=peft_model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer)).train()
+    args = hf.TrainingArguments(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=16,
+                                gradient_accumulation_steps=2, learning_rate=3e-4, optim="adamw_torch",
+                                eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10, seed=42,
+                                use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False)
+    hf.Trainer(model=peft_model, args=args, train_dataset=train, data_collator=hf.DataCollatorWithPadding(tokenizer)).train()
 
 
 def child(args) -> None:
