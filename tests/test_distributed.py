@@ -23,9 +23,10 @@ pytestmark = pytest.mark.skipif(not torch_distributed.is_gloo_available(), reaso
 
 BIN = Path(sys.executable).parent
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
-# 128 examples: 4 optimizer steps of 32 an epoch, 2 epochs. Dropout off, so one process and two
+# 131 examples: 4 optimizer steps of 32 an epoch and a short one of 3 (split 2 + 1: uneven pieces,
+# where a wrong loss normalisation would show), 2 epochs. Dropout off, so one process and two
 # processes differ only in the order of float additions (see test_two_processes_train_what_one_trains).
-SAME_RUN = {"train": 128, "evals": 64, "epochs": 2}
+SAME_RUN = {"train": 131, "evals": 64, "epochs": 2}
 # 256 examples, 3 epochs: 4 steps of 64 (16 x 2 x 2 processes) an epoch, the reference dropout
 # (0.1), a checkpoint every 3 steps: checkpoint-6 is in the middle of epoch 2 (steps 5-8).
 KILL_RUN = {"train": 256, "evals": 64, "epochs": 3}
@@ -96,15 +97,15 @@ def test_two_processes_train_what_one_trains(tiny_qwen, tmp_path, one_process):
     assert stderr.count("effective batch") == 1 and stderr.count("trainable params") == 1  # one process speaks
     np.testing.assert_allclose(predictions(out), predictions(one_process), atol=1e-4)
     one, two = (json.loads((o / "metrics.json").read_text()) for o in (one_process, out))
-    assert two["train"]["steps"] == one["train"]["steps"] == 8
+    assert two["train"]["steps"] == one["train"]["steps"] == 10
     assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
     assert two["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-4)
     assert (two["train"]["processes"], two["train"]["effective_batch_size"]) == (2, 32)
     # one writer: the same files as a one-process run, one TensorBoard event file, no lock left held
     assert listing(out) == listing(one_process)
     assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
-    assert {f"rng_state_{r}.pth" for r in (0, 1)} <= {p.name for p in (out / "checkpoint-8").iterdir()}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert {f"rng_state_{r}.pth" for r in (0, 1)} <= {p.name for p in (out / "checkpoint-10").iterdir()}
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,10 @@ def test_sigkill_of_the_whole_job_then_resume_ends_where_the_run_would_have(tiny
     time.sleep(0.5)  # let the kernel reap the workers
     assert (out / "checkpoint-6" / "trainer_state.json").is_file()
     assert not (out / "metrics.json").exists() and not (out / "checkpoint-9").exists()
+    # On one process a step would hold half as many examples: refused, the numbers named.
+    alone = launch(sys.executable, out=out, size=KILL_RUN, model=tiny_qwen, extra=(*STEP_CHECKPOINTS, "--resume"))
+    _, stderr = alone.communicate(timeout=300)
+    assert alone.returncode == 2 and "64 = 16 per device x 2 accumulation x 2 process(es)" in stderr, stderr[-3000:]
     resumed = finish(launch(*torchrun(), out=out, size=KILL_RUN, model=tiny_qwen, extra=(*STEP_CHECKPOINTS, "--resume")))
     assert "resuming from" in resumed
     done, reference = (json.loads((o / "metrics.json").read_text()) for o in (out, uninterrupted_two))

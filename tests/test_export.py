@@ -84,21 +84,36 @@ def pipeline_inputs(texts):
     return [t[0] if len(t) == 1 else {"text": t[0], "text_pair": t[1]} for t in texts]
 
 
-def assert_predicts_like_gluetune(run: Path, export: Path, texts, trust_remote_code: bool) -> None:
-    """Stock model + tokenizer (batched, padded) give gluetune's logits; the pipeline its probabilities."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+def long_input(columns: int) -> tuple[str, ...]:
+    """About 400 tokens in all: past the runs' max_length (256), within the models' positions (512)."""
+    return tuple(" ".join(["word"] * (400 // columns)) for _ in range(columns))
 
+
+def card_pipeline(export: Path):
+    """The pipeline exactly as the export's card tells a reader to build it."""
+    from transformers import pipeline
+
+    (line,) = [x for x in (export / "README.md").read_text().splitlines() if x.startswith("classify = pipeline(")]
+    return eval(line.removeprefix("classify = ").replace("path/to/this/folder", str(export)), {"pipeline": pipeline})
+
+
+def assert_predicts_like_gluetune(run: Path, export: Path, texts, trust_remote_code: bool) -> None:
+    """Stock model + tokenizer (batched, padded, truncated) give gluetune's logits; the pipeline the card
+    shows gives its probabilities, for a long input too."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = [*texts, long_input(len(texts[0]))]
     classifier = Classifier.from_folder(run)
     model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(export, trust_remote_code=trust_remote_code)
-    batch = tokenizer(*map(list, zip(*texts)), padding=True, return_tensors="pt")
+    batch = tokenizer(*map(list, zip(*texts)), padding=True, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         logits = model(**batch).logits.numpy()
     np.testing.assert_allclose(logits, classifier.logits(texts), atol=1e-5)
 
-    classify = pipeline("text-classification", model=str(export), trust_remote_code=trust_remote_code)
-    for predicted, expected in zip(classify(pipeline_inputs(texts)), classifier.predict(texts)):
+    classify = card_pipeline(export)
+    for predicted, expected in zip(classify(pipeline_inputs(texts)), classifier.predict(texts), strict=True):
         assert predicted["label"] == expected.label
         assert predicted["score"] == pytest.approx(expected.probability, abs=1e-5)
 
@@ -123,6 +138,25 @@ def test_decoder_export_is_plain_transformers_and_predicts_like_gluetune(qwen_co
     assert config["model_type"] == "qwen2" and config["dtype"] == "float32"
     assert config["pad_token_id"] == 151643  # Qwen's <|endoftext|>, gluetune's pad token
     assert_predicts_like_gluetune(run, export, validation_texts("cola"), trust_remote_code=False)
+
+
+def test_decoder_export_holds_the_trained_adapter(qwen_cola, tiny_qwen):
+    """The merged weights matter: the base's own weights under the same trained head predict otherwise,
+    by far more than the tolerance the exports are held to."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    run, export = qwen_cola
+    merged = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    unmerged = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).model.state_dict()
+    missing, _ = unmerged.model.load_state_dict(base, strict=False)
+    assert not missing
+    tokenizer = Classifier.from_folder(run).tokenizer
+    batch = tokenizer([t[0] for t in validation_texts("cola")], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        difference = (merged(**batch).logits - unmerged(**batch).logits).abs().max().item()
+    assert difference > 100 * 1e-5, difference
 
 
 def test_decoder_pair_export_encodes_pairs_as_gluetune_does(qwen_mrpc_full):
@@ -160,6 +194,8 @@ def test_mean_pooled_export_ships_its_pooling_as_custom_code(minilm_mean, monkey
     run, export = minilm_mean
     config = assert_standalone_files(export, "cola")
     assert config["auto_map"]["AutoModelForSequenceClassification"].startswith("modeling_gluetune.")
+    card = (export / "README.md").read_text()
+    assert f"`{REMOTE_CODE_FILENAME}` holds what stock transformers cannot express" in card
     texts = validation_texts("cola")
     assert_predicts_like_gluetune(run, export, texts, trust_remote_code=True)
 

@@ -15,7 +15,7 @@ from gluetune.config import load_config
 from gluetune.trainer import GluetuneTrainer
 from gluetune.training import train
 
-SIZE = {"train": 96, "evals": 48, "epochs": 2}
+SIZE = {"train": 83, "evals": 48, "epochs": 2}  # 83 = 2 x 32 + 19: a short last step, uneven as 16 x 2
 
 
 def trainer_for(tiny_qwen, tmp_path, *extra: str):
@@ -169,3 +169,45 @@ def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path):
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert_one_line_error(result, "training.cuda_graphs", "need a CUDA GPU", "cuda_graphs=false")
     assert not (tmp_path / "run").exists()
+
+
+def test_fast_path_keeps_an_explicit_evaluation_batch(tiny_qwen, tmp_path):
+    from gluetune.arguments import FAST_PATH_EVAL_BATCH
+    from gluetune.training import training_arguments
+
+    def eval_batch(*extra):
+        overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", *extra]
+        return training_arguments(load_config(REFERENCE_CONFIG, overrides), quiet=True).per_device_eval_batch_size
+
+    assert eval_batch() == FAST_PATH_EVAL_BATCH
+    assert eval_batch("training.per_device_eval_batch_size=4") == 4
+
+
+def test_random_sampling_keeps_the_training_collator(tiny_qwen, tmp_path):
+    _, trainer, _ = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "training.train_sampling_strategy=random")
+    assert trainer.train_collator is not trainer.data_collator
+    assert trainer.get_train_dataloader().collate_fn is trainer.train_collator
+
+
+def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """RTE's long pairs fill many 16-token buckets; with dynamic=False each shape (and train/eval mode)
+    is one compilation, and past dynamo's recompile limit the layers would quietly run eager.
+    fail_on_recompile_limit_hit turns that into an error; dynamo's eager backend keeps the
+    tracing (and its guards and recompilations) without inductor's minutes of code generation."""
+    import torch._dynamo
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    out = tmp_path / "rte"
+    rte = ["dataset.subset=rte", "dataset.text_column=null", "training.metric_for_best_model=accuracy",
+           "training.fast_path=true", "training.report_to=none"]
+    with caplog.at_level("WARNING", logger="gluetune"):
+        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
+    assert summary["train"]["steps"] == 10
+    assert "compiling the layers failed" not in caplog.text  # the rehearsal would fall back to eager layers
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])  # past the default limit
+    torch._dynamo.reset()

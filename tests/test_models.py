@@ -90,7 +90,7 @@ def test_lora_head_is_trained_and_checkpointing_reaches_lora(tiny_qwen):
     batch = tokenizer(["One.", "Two words."], padding=True, return_tensors="pt")
     model(**batch, labels=torch.tensor([0, 1])).loss.backward()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert all(p.grad is not None for p in lora_b)
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
 
 
 def test_per_role_learning_rates_keep_the_trainers_optimizer(tiny_qwen, tmp_path):
@@ -154,7 +154,7 @@ def test_mean_pooling_feeds_the_head_the_mean_of_real_tokens(minilm_path):
     peft_model = models.make_trainable(model, config).train()
     assert config.peft.modules_to_save == ["pooler"]  # peft must not have appended the head to the config's list
     peft_model(**batch, labels=torch.tensor([0, 1])).loss.backward()
-    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None and "pooler" in n}
+    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0 and "pooler" in n}
     assert trained and all("modules_to_save" in n for n in trained)
 
 
@@ -164,3 +164,81 @@ def test_mean_pooling_is_refused_where_it_cannot_apply(tiny_qwen):
         models.load_classifier(config.model, config.task, pad_token_id=0)
     with pytest.raises(UserError, match=r"model.pooling: 'max' is not valid; expected null .* or mean"):
         load_config(REFERENCE_CONFIG, ["model.pooling=max"])
+
+
+# ---------------------------------------------------------------- the GGUF conversion cache
+
+
+class FakeConversions:
+    """transformers' GGUF loaders replaced by fakes that count conversions and write a tiny folder."""
+
+    def __init__(self, monkeypatch, tmp_path, seconds: float = 0.0, fail: Exception | None = None):
+        import transformers
+
+        self.count, self.seconds, self.fail = 0, seconds, fail
+        monkeypatch.setenv("GLUETUNE_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: self.saver("tokenizer.json"))
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", self.model)
+        self.gguf = tmp_path / "tiny.gguf"
+        self.gguf.write_bytes(b"GGUF")
+        self.config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tmp_path}", "model.gguf_file=tiny.gguf"])
+
+    def saver(self, name: str):
+        from types import SimpleNamespace
+
+        def save_pretrained(folder):
+            if self.fail is not None:
+                raise self.fail
+            (folder / name).write_text("{}")
+
+        return SimpleNamespace(save_pretrained=save_pretrained, config=SimpleNamespace(), hf_quantizer=None)
+
+    def model(self, *args, **kwargs):
+        import time
+
+        self.count += 1
+        time.sleep(self.seconds)
+        return self.saver("config.json")
+
+    def resolve(self):
+        from pathlib import Path
+
+        return Path(sources.resolve(self.config.model))
+
+
+def test_gguf_conversion_is_cached_and_keyed_by_what_converted_it(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    fake = FakeConversions(monkeypatch, tmp_path)
+    folder = fake.resolve()
+    assert fake.resolve() == folder and fake.count == 1  # converted once, then read from the cache
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "transformers" else real_version(name))
+    assert fake.resolve() != folder and fake.count == 2  # another transformers converts again
+
+
+def test_gguf_cache_folder_without_its_completion_mark_is_converted_again(monkeypatch, tmp_path):
+    fake = FakeConversions(monkeypatch, tmp_path)
+    folder = fake.resolve()
+    for path in folder.iterdir():  # what a copy cut short leaves: a config.json and nothing else
+        if path.name != "config.json":
+            path.unlink()
+    assert fake.resolve() == folder and fake.count == 2
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_gguf_conversions_started_together_convert_once(monkeypatch, tmp_path):
+    """What a sweep with --jobs N does on a new GGUF (threads here; the lock is a file lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = FakeConversions(monkeypatch, tmp_path, seconds=0.5)
+    with ThreadPoolExecutor(3) as pool:
+        folders = list(pool.map(lambda _: fake.resolve(), range(3)))
+    assert fake.count == 1 and len(set(folders)) == 1 and (folders[0] / "config.json").is_file()
+
+
+def test_gguf_cache_write_errors_are_one_line(monkeypatch, tmp_path):
+    fake = FakeConversions(monkeypatch, tmp_path, fail=OSError(28, "No space left on device"))
+    with pytest.raises(UserError, match=r"model.gguf_file tiny.gguf: .*No space left on device.*GLUETUNE_CACHE_DIR"):
+        fake.resolve()
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []

@@ -23,7 +23,7 @@ from conftest import (
     tiny_overrides,
 )
 
-from gluetune.rundir import LOCK_FILENAME, OWNER_FILENAME, OutputDirLock, latest_checkpoint
+from gluetune.rundir import LOCK_FILENAME, OWNER_FILENAME, OutputDirLock, latest_checkpoint, prepare
 
 # 256 examples, batch 16 x accumulation 2: 8 optimizer steps an epoch, 4 epochs, a checkpoint (and
 # an evaluation) every 3 steps, so checkpoints fall inside epochs; every checkpoint kept.
@@ -147,6 +147,53 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_
     assert_same_metrics(validation(out), validation(uninterrupted))
 
 
+def test_a_checkpoint_without_every_process_rng_state_is_not_resumed(tmp_path, caplog):
+    """Two processes save their RNG states without waiting for each other: checkpoint-6 has the main
+    process's trainer state but not process 1's RNG state (killed in between), so checkpoint-3 is used."""
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-6").mkdir()
+    for checkpoint, files in (("checkpoint-3", ("rng_state_0.pth", "rng_state_1.pth")), ("checkpoint-6", ("rng_state_0.pth",))):
+        (out / checkpoint / "trainer_state.json").write_text("{}")
+        for name in files:
+            (out / checkpoint / name).write_bytes(b"")
+    batch = {"per_device": 16, "accumulation": 1, "processes": 2, "gpus_per_process": 1}
+    (out / "run_record.json").write_text(json.dumps({"batch": batch}))
+    assert latest_checkpoint(out).name == "checkpoint-3"
+    with caplog.at_level("WARNING", logger="gluetune"):
+        assert prepare(out, "auto", overwrite=False) == out / "checkpoint-3"
+    assert "checkpoint-6" in caplog.text and "no rng_state_1.pth" in caplog.text and not (out / "checkpoint-6").exists()
+
+
+def test_resume_of_a_folder_without_a_run_starts_without_a_warning(tmp_path, caplog):
+    """A sweep starts every run with --resume, its train.log already in the folder: nothing to say.
+    A folder that held a run (its config) but no complete checkpoint: the restart is worth a line."""
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "train.log").write_text("")
+    with caplog.at_level("WARNING", logger="gluetune"):
+        assert prepare(tmp_path / "fresh", "auto", overwrite=False) is None
+    assert "starting from the beginning" not in caplog.text
+    (tmp_path / "fresh" / "resolved_config.yaml").write_text("")
+    with caplog.at_level("WARNING", logger="gluetune"):
+        assert prepare(tmp_path / "fresh", "auto", overwrite=False) is None
+    assert "no complete checkpoint" in caplog.text and "starting from the beginning" in caplog.text
+
+
+def test_resume_on_another_number_of_processes_is_refused(tiny_qwen, tmp_path, finished_tiny_run):
+    """The run records what a step holds; a resume whose product differs is refused, naming the numbers
+    (test_distributed shows it for a real two-process run resumed on one)."""
+    out = copy_run(finished_tiny_run, tmp_path / "run")
+    (out / "metrics.json").unlink()  # as if stopped before the end
+    record = json.loads((out / "run_record.json").read_text())
+    assert record["batch"] == {"per_device": 16, "accumulation": 2, "processes": 1, "gpus_per_process": 1}
+    record["batch"]["processes"] = 2
+    (out / "run_record.json").write_text(json.dumps(record))
+    overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
+    assert_one_line_error(result, "64 = 16 per device x 2 accumulation x 2 process(es)",
+                          "32 = 16 per device x 2 accumulation x 1 process(es)", "torchrun --nproc_per_node 2")
+
+
 def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path, finished_tiny_run):
     out = copy_run(finished_tiny_run, tmp_path / "done")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
@@ -180,9 +227,13 @@ def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path, finished_t
 def test_second_writer_is_refused_and_a_dead_lock_does_not_block(tiny_qwen, tmp_path):
     out = tmp_path / "locked"
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    with OutputDirLock(out):
+    with OutputDirLock(out):  # the owner is still starting: no resolved_config.yaml yet
         result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
-    assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
+        assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
+        # The refused run must leave the owner's lock alone, so a third start is refused too.
+        assert (out / LOCK_FILENAME).exists() and (out / OWNER_FILENAME).exists()
+        result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+        assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
     # The lock files a process left when it died do not block.
     (out / LOCK_FILENAME).write_text("")
     (out / OWNER_FILENAME).write_text("pid 1 on elsewhere")

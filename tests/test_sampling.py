@@ -88,3 +88,26 @@ def test_group_size_trades_padding_for_mixing():
 def test_too_few_examples_for_the_pieces_of_a_step():
     with pytest.raises(ValueError, match="cannot fill 4 micro-batches"):
         LengthGroupedBatches(LENGTHS[:3], 1, seed=1, accumulation=2, processes=2)
+
+
+def test_drop_last_drops_the_short_last_step(tiny_qwen, tmp_path):
+    """96 examples in steps of 20 x 2: two full steps and a short one of 16, which
+    training.dataloader_drop_last drops, as it does for transformers' own samplers."""
+    from conftest import REFERENCE_CONFIG, tiny_overrides, tiny_training_pieces
+
+    from gluetune import fastpath
+    from gluetune.config import load_config
+    from gluetune.trainer import GluetuneTrainer
+
+    def batches(*extra):
+        overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=96) + ["training.per_device_train_batch_size=20",
+                                                                            "training.report_to=none", *extra]
+        config = load_config(REFERENCE_CONFIG, overrides)
+        args, tokenizer, model, train_set = tiny_training_pieces(config)
+        trainer = GluetuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
+                                  data_collator=fastpath.collator(config, tokenizer, args, False))
+        loader = trainer.get_train_dataloader()
+        return [len(batch["input_ids"]) for batch in loader]
+
+    assert batches() == [20, 20, 20, 20, 8, 8]
+    assert batches("training.dataloader_drop_last=true") == [20, 20, 20, 20]

@@ -84,12 +84,18 @@ def test_cli_run_prints_aligned_epochs_and_names_the_best_epoch(cli_run):
 
 
 def test_best_checkpoint_is_the_one_saved(cli_run):
+    """Against every evaluation of the whole run (the last checkpoint's history), not only those the
+    kept checkpoint saw: an earlier, worse pick would not pass."""
     out, _ = cli_run
     metrics = json.loads((out / "metrics.json").read_text())
-    state = json.loads((out / metrics["best_checkpoint"] / "trainer_state.json").read_text())
-    evals = [e["eval_matthews_correlation"] for e in state["log_history"] if "eval_matthews_correlation" in e]
-    assert metrics["best_metric"] == max(evals)
-    assert metrics["validation"]["matthews_correlation"] == pytest.approx(max(evals), abs=1e-9)
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    evals = {e["step"]: e["eval_matthews_correlation"] for e in history if "eval_matthews_correlation" in e}
+    assert len(evals) == 2  # one per epoch
+    best_step = max(evals, key=evals.get)
+    assert metrics["best_checkpoint"] == f"checkpoint-{best_step}"
+    assert metrics["best_metric"] == max(evals.values())
+    assert metrics["validation"]["matthews_correlation"] == pytest.approx(max(evals.values()), abs=1e-9)
 
 
 def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
@@ -170,3 +176,18 @@ def test_training_is_deterministic_on_cpu(tiny_qwen, tmp_path):
     ]
     assert runs[0]["validation"] == runs[1]["validation"]
     assert runs[0]["train"]["loss"] == runs[1]["train"]["loss"]
+
+
+def test_one_process_seeing_several_gpus_reports_the_batch_it_trains_with(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """Without a launcher, the Trainer runs two visible GPUs as DataParallel (n_gpu decides it, patched
+    here): each micro-batch holds 16 x 2 examples, so the 64 examples are one step of 64, and the
+    figure printed and saved says so. (DataParallel without CUDA passes the batch through.)"""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    out = tmp_path / "dp"
+    with caplog.at_level("INFO", logger="gluetune"):
+        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=64, evals=16))).metrics
+    assert summary["train"]["steps"] == 1 and summary["train"]["effective_batch_size"] == 64
+    assert "effective batch 64 = 16 per device x 2 accumulation x 1 process(es) x 2 GPUs (DataParallel)" in caplog.text
+    assert "| batch | 16 per device x 2 accumulation x 1 process(es) x 2 GPUs = 64 |" in (out / "README.md").read_text()

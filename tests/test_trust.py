@@ -108,11 +108,13 @@ def test_metric_names_with_a_split_prefix_are_accepted():
 
 
 def step_gradients(tiny_qwen, tmp_path, micro: int, accumulation: int) -> tuple[dict, float, list]:
-    """One optimizer step's gradients and logged loss through the Trainer's own accumulation loop."""
+    """The last optimizer step's gradients and logged loss through the Trainer's own accumulation loop.
+    35 examples: a full step of 32, then a short one of 3 (2 + 1 as 16 x 2): with uneven micro-batches,
+    normalising each by its own size would give other gradients than one batch of 3."""
     from gluetune import methods, metrics
     from gluetune.trainer import GluetuneTrainer
 
-    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / f"{micro}x{accumulation}", train=32) + [
+    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / f"{micro}x{accumulation}", train=35) + [
         "peft.lora_dropout=0", f"training.per_device_train_batch_size={micro}",
         f"training.gradient_accumulation_steps={accumulation}", "training.report_to=none"])
     args, tokenizer, model, train_set = tiny_training_pieces(config)
@@ -120,7 +122,11 @@ def step_gradients(tiny_qwen, tmp_path, micro: int, accumulation: int) -> tuple[
                               data_collator=training.fastpath.collator(config, tokenizer, args, False),
                               compute_metrics=metrics.trainer_metrics_fn(config.task),
                               parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args))
-    batches, items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), accumulation, args.device)
+    loader = trainer.get_train_dataloader()
+    micro_batches = iter(loader)
+    for _ in range(len(loader) // accumulation):  # to the last step
+        batches, items = trainer.get_batch_samples(micro_batches, accumulation, args.device)
+    assert sorted(len(b["input_ids"]) for b in batches) == ([1, 2] if accumulation == 2 else [3])
     model.train()
     logged = sum(float(trainer.training_step(model, batch, items)) for batch in batches)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -153,8 +159,8 @@ def test_label_smoothing_is_applied_to_the_step_loss(tiny_qwen, tmp_path):
 
 
 def test_accumulation_gives_the_gradients_of_one_big_batch(tiny_qwen, tmp_path):
-    """16 x 2 and 32 x 1: the same 32 examples, the same gradients (fp32 tolerance), and the logged
-    loss is the mean per-example loss, not the sum of the two micro-batches' means."""
+    """16 x 2 and 32 x 1: the same 3 examples in the short last step, the same gradients (fp32 tolerance),
+    and the logged loss is the mean per-example loss, not the mean of the two micro-batches' means."""
     big, big_loss, big_examples = step_gradients(tiny_qwen, tmp_path, 32, 1)
     small, small_loss, small_examples = step_gradients(tiny_qwen, tmp_path, 16, 2)
     assert small_examples == big_examples

@@ -34,6 +34,9 @@ GLUETUNE_KEYS: dict[str, Any] = {
 RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir")
 # Metrics where lower is better; every other metric gluetune reports is higher-is-better.
 LOWER_IS_BETTER = ("loss", "mse")
+# The fast path's default evaluation batch: its padded buckets make large batches cheap. An explicit
+# per_device_eval_batch_size is kept.
+FAST_PATH_EVAL_BATCH = 256
 
 
 def training_argument_types() -> dict[str, Any]:
@@ -98,7 +101,7 @@ def resolve_training(raw: Any, source: str, task: Task, config_stem: str) -> dic
         "save_total_limit": 2,
         "report_to": ["tensorboard"],
         "seed": 42,
-        "per_device_eval_batch_size": 64,
+        "per_device_eval_batch_size": FAST_PATH_EVAL_BATCH if raw.get("fast_path") else 64,
         "train_sampling_strategy": "group_by_length",
     }
     resolved = {**defaults, **raw}

@@ -132,18 +132,18 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
              (f"`{config.model.name_or_path}` fine-tuned with {method} by gluetune for {facts.dataset_title} "
              f"sentence{' pair' if len(config.task.text_columns) == 2 else ''} classification.")]
     if is_export:
-        from .export import REMOTE_CODE_FILENAME
-
-        needs_code = (folder / REMOTE_CODE_FILENAME).is_file()
-        trust = ", trust_remote_code=True" if needs_code else ""
+        code_file = _remote_code_file(folder)
+        trust = ", trust_remote_code=True" if code_file else ""
+        # truncation=True: the pipeline does not truncate by default; the export's tokenizer cuts at
+        # the run's max_length, as gluetune did in training and does in `gluetune predict`.
         lines += ["", f"A standalone export of the run `{facts.folder.name}`: "
                   + ("the LoRA adapter merged into the base weights, " if facts.is_lora else "")
                   + f"weights in {_saved_dtype(folder)}.",
                   "", "```python", "from transformers import pipeline", "",
-                  f'classify = pipeline("text-classification", model="path/to/this/folder"{trust})',
+                  f'classify = pipeline("text-classification", model="path/to/this/folder"{trust}, truncation=True)',
                   f"classify({_example_input(config)})", "```"]
-        if needs_code:
-            lines += ["", (f"`{REMOTE_CODE_FILENAME}` holds what stock transformers cannot express of how this "
+        if code_file:
+            lines += ["", (f"`{code_file}` holds what stock transformers cannot express of how this "
                       "model was trained (its first lines say what); read it before trusting it.")]
     elif facts.is_lora:
         lines += ["", ("This folder holds the LoRA adapter and the trained head; load it with gluetune "
@@ -152,10 +152,20 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
     return "\n".join(lines)
 
 
-def _saved_dtype(folder: Path) -> str:
+def _saved_model_config(folder: Path) -> dict:
     config_path = folder / "config.json"
-    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+
+def _saved_dtype(folder: Path) -> str:
+    saved = _saved_model_config(folder)
     return str(saved.get("dtype") or saved.get("torch_dtype") or "float32")
+
+
+def _remote_code_file(folder: Path) -> str | None:
+    """The custom code file the folder's config.json points the Auto classes at (`auto_map`), if any."""
+    auto_map = _saved_model_config(folder).get("auto_map") or {}
+    return next((target.split(".")[0] + ".py" for target in auto_map.values() if isinstance(target, str)), None)
 
 
 def _example_input(config: RunConfig) -> str:
@@ -227,7 +237,9 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
     effective = train.get("effective_batch_size", batch * accumulation * processes)
     rows += [("epochs", f"{training.get('num_train_epochs', 3):g}"),
              ("learning rate", f"{training.get('learning_rate', _default('learning_rate')):g}"),
-             ("batch", f"{batch} per device x {accumulation} accumulation x {processes} process(es) = {effective}"),
+             ("batch", f"{batch} per device x {accumulation} accumulation x {processes} process(es)"
+                       + (f" x {train['gpus_per_process']} GPUs" if train.get("gpus_per_process", 1) > 1 else "")
+                       + f" = {effective}"),
              ("optimizer", str(training.get("optim", _default("optim")))),
              ("schedule", f"{training.get('lr_scheduler_type', _default('lr_scheduler_type'))}, {_warmup(training)}"),
              ("weight decay", f"{training.get('weight_decay', _default('weight_decay')):g}"),

@@ -20,7 +20,8 @@ never what it learns (same examples per optimizer step, same schedule):
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
   lost. The rehearsal changes no weight, gradient or random stream, and no step is counted.
-- **Fused AdamW** on CUDA, larger evaluation batches, non-blocking host-to-device copies.
+- **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
+  evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
 
 The sync-free divergence check (callbacks.LossWatch) and the cheap FLOP count (trainer) are on
 every path.
@@ -41,7 +42,6 @@ from . import distributed
 logger = logging.getLogger("gluetune")
 
 BUCKET = 16  # tokens: CoLA's sentences (at most ~50 tokens) fall in 3-4 buckets
-EVAL_BATCH = 256
 
 
 def enabled(config) -> bool:
@@ -56,7 +56,6 @@ def argument_changes(config, kwargs: dict[str, Any], cuda: bool) -> dict[str, An
     changes = {
         "per_device_train_batch_size": kwargs.get("per_device_train_batch_size", 8) * accumulation,
         "gradient_accumulation_steps": 1,
-        "per_device_eval_batch_size": max(kwargs.get("per_device_eval_batch_size", 8), EVAL_BATCH),
     }
     if cuda:
         if kwargs.get("optim", "adamw_torch") in ("adamw_torch", "adamw_torch_fused"):
@@ -123,6 +122,12 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     if not enabled(config):
         return []
     layers = repeated_layers(trainer.model)
+    # dynamic=False makes one graph per input shape and mode (training, evaluation); past dynamo's
+    # recompile_limit (8) the layers run eager for good, which long texts (RTE: every bucket up to
+    # max_length) reach within an epoch. Room for every shape the run can make: each bucket in
+    # training, in full evaluation batches, and in each validation split's last batch.
+    shapes = -(-config.dataset.max_length // BUCKET) * (2 + len(config.task.validation_splits))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     for layer in layers:
         layer.compile(dynamic=False)
     logger.info("fast path: one micro-batch per step (%d rows), %d-token buckets, %d compiled layers",

@@ -1,8 +1,10 @@
 """The output folder of a run: one writer at a time, nothing clobbered, checkpoints to resume from.
 
-A checkpoint counts as complete once its `trainer_state.json` parses: the Trainer writes that
-file after the weights, optimizer, scheduler and RNG states, so a kill while saving leaves a
-folder without it, which is ignored (and cleared on resume) while the previous one stays usable.
+A checkpoint counts as complete once its `trainer_state.json` parses and every process's RNG state
+is there: the main process writes the trainer state after its own weights, optimizer, scheduler and
+RNG state, but the other processes write their RNG states without waiting for each other, so a kill
+while saving leaves a folder short of one of them, which is ignored (and cleared on resume) while
+the previous one stays usable. How many processes wrote them is in `run_record.json`.
 A run counts as finished once `metrics.json` exists; it is written last, atomically.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -65,6 +68,10 @@ class OutputDirLock:
         self._lock = lock
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
     def release(self) -> None:
         if self._lock is not None:
             self.owner_path.unlink(missing_ok=True)
@@ -83,12 +90,23 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_complete_checkpoint(path: Path) -> bool:
+def missing_from_checkpoint(path: Path) -> list[str]:
+    """The files a checkpoint lacks to resume exactly; [] when it is complete."""
+    path = Path(path)
     try:
         json.loads((path / "trainer_state.json").read_text())
-        return True
     except (OSError, ValueError):
-        return False
+        return ["trainer_state.json"]
+    present = {p.name for p in path.glob("rng_state*.pth")}
+    processes = (read_record(path.parent).get("batch") or {}).get("processes")
+    if not present or processes is None:  # training.save_only_model (no RNG states, by choice); a run of old
+        return []
+    wanted = ["rng_state.pth"] if processes == 1 else [f"rng_state_{i}.pth" for i in range(processes)]
+    return [name for name in wanted if name not in present]
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return not missing_from_checkpoint(path)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -106,9 +124,37 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / METRICS_FILENAME).is_file()
 
 
-def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None) -> None:
+def read_record(folder: Path) -> dict:
+    path = Path(folder) / RECORD_FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_same_batch(folder: Path, batch: dict[str, int]) -> None:
+    """Refuse to resume with another effective batch (e.g. on another number of processes): the
+    step would map to another epoch and sample offset, and per-process RNG states would be lost."""
+    recorded = read_record(folder).get("batch")
+    if recorded and math.prod(recorded.values()) != math.prod(batch.values()):
+        raise UserError(f"--resume: {folder} was trained with an effective batch of {describe_batch(recorded)}; this "
+                        f"start would have {describe_batch(batch)}. Resume with {recorded['processes']} process(es) "
+                        f"(torchrun --nproc_per_node {recorded['processes']} / accelerate launch --num_processes "
+                        f"{recorded['processes']}), or --overwrite to start over")
+
+
+def describe_batch(batch: dict[str, int]) -> str:
+    """'64 = 16 per device x 2 accumulation x 2 process(es)' (x GPUs when one process drives several)."""
+    text = (f"{math.prod(batch.values())} = {batch['per_device']} per device x {batch['accumulation']} accumulation "
+            f"x {batch['processes']} process(es)")
+    return text + (f" x {batch['gpus_per_process']} GPUs (DataParallel)" if batch.get("gpus_per_process", 1) > 1 else "")
+
+
+def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
+                 batch: dict[str, int]) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
-    (the resolved config sits beside it). A resumed run appends its command."""
+    (the resolved config sits beside it), and what a step holds (per device, accumulation,
+    processes). A resumed run appends its command."""
     import platform
     import sys
     import time
@@ -130,6 +176,7 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "resumed_with": previous.get("resumed_with", []) + ([command] if previous else []),
         "cwd": os.getcwd(),
         "seed": seed,
+        "batch": batch,
         "config": CONFIG_FILENAME,
         "python": platform.python_version(),
         "packages": versions,
@@ -139,8 +186,9 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
 
 
 def remove_if_unused(folder: Path, created: bool) -> None:
-    """After a run that stopped before writing its config (a refused or failed start): take away
-    its lock files, and the folder itself if this run created it and it is empty."""
+    """After a run that stopped before writing its config (a failed start): take away its lock
+    files, and the folder itself if this run created it and it is empty. Only the lock's holder may
+    call this, before releasing it."""
     folder = Path(folder)
     if not folder.is_dir() or (folder / CONFIG_FILENAME).exists():
         return
@@ -180,15 +228,20 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
                 "--overwrite to start it over, or choose another training.output_dir"
             )
         return None
-    for partial in (p for p in checkpoints(folder) if not is_complete_checkpoint(p)):
-        logger.warning("removing %s: it was being written when the run stopped", partial)
-        shutil.rmtree(partial)
+    for partial in checkpoints(folder):
+        missing = missing_from_checkpoint(partial)
+        if missing:
+            logger.warning("removing %s: it was being written when the run stopped (no %s)", partial,
+                           ", ".join(missing))
+            shutil.rmtree(partial)
     if resume == "auto":
         checkpoint = latest_checkpoint(folder)
-        if checkpoint is None and contents:
+        if checkpoint is None and CONFIG_FILENAME in contents:  # a run began here (not a sweep's fresh folder)
             logger.warning("no complete checkpoint in %s: starting from the beginning", folder)
         return checkpoint
     checkpoint = Path(resume)
-    if not is_complete_checkpoint(checkpoint):
-        raise UserError(f"training.resume_from_checkpoint: {resume} is not a complete checkpoint folder")
+    missing = missing_from_checkpoint(checkpoint)
+    if missing:
+        raise UserError(f"training.resume_from_checkpoint: {resume} is not a complete checkpoint folder "
+                        f"(no {', '.join(missing)})")
     return checkpoint

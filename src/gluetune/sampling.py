@@ -28,11 +28,13 @@ class LengthGroupedBatches:
     example is used once per epoch by exactly one process, and a step holds the same examples
     whether it runs as 16 x 2, 32 x 1 or 16 x 1 on 2 processes: only the split changes. The last,
     short step is cut as evenly as possible; if it holds fewer examples than pieces (or than
-    `smallest_step`), it joins the step before it. The Trainer calls `set_epoch` every epoch.
+    `smallest_step`), it joins the step before it; with `drop_last` (training.dataloader_drop_last)
+    it is left out. The Trainer calls `set_epoch` every epoch.
     """
 
     def __init__(self, lengths: Sequence[int], micro_batch_size: int, seed: int, accumulation: int = 1,
-                 processes: int = 1, rank: int = 0, group_steps: int | None = None, smallest_step: int | None = None):
+                 processes: int = 1, rank: int = 0, group_steps: int | None = None, smallest_step: int | None = None,
+                 drop_last: bool = False):
         self.lengths = list(lengths)
         self.micro_batch_size = micro_batch_size
         self.accumulation = accumulation
@@ -45,6 +47,7 @@ class LengthGroupedBatches:
         # A last step shorter than this joins the one before: the pieces of a step, or (fastpath,
         # which runs 16 x 2 as 32 x 1) the pieces of the step as configured, so both agree.
         self.smallest_step = max(self.pieces, smallest_step or 1)
+        self.drop_last = drop_last
         if len(self.lengths) < self.pieces:
             raise ValueError(f"{len(self.lengths)} training examples cannot fill {self.pieces} micro-batches of a step")
         if group_steps is None:
@@ -68,7 +71,7 @@ class LengthGroupedBatches:
         if full:
             longest = max(range(len(full)), key=lambda s: max(self.lengths[i] for i in full[s]))
             full[0], full[longest] = full[longest], full[0]
-        if partial:
+        if partial and not self.drop_last:
             # Only the last group can leave a short step.
             (last,) = partial
             if len(last) < self.smallest_step:
@@ -95,5 +98,5 @@ class LengthGroupedBatches:
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.lengths), self.step_size)
-        steps = full + (1 if rest >= self.smallest_step else 0)  # a shorter rest joins the step before
+        steps = full + (1 if rest >= self.smallest_step and not self.drop_last else 0)  # a shorter rest joins the step before
         return steps * self.accumulation

@@ -10,8 +10,9 @@ the user wrote them, so another machine resolves them again with its own paths.
   import a chat CLI and llama.cpp bindings on import).
 - `gguf_file`: a GGUF checkpoint, as a file name inside `name_or_path` (a folder, a package or a
   hub repo) or as a path. transformers dequantizes it to an ordinary model (needs the `gguf`
-  package); it is converted once into a normal model folder in gluetune's cache and loaded from
-  there afterwards (seconds instead of a dequantization per load, per process).
+  package); it is converted once (per transformers and gguf version) into a normal model folder
+  in gluetune's cache and loaded from there afterwards (seconds instead of a dequantization per
+  load, per process).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import UserError, one_line
-from .files import cache_dir, is_local_path
+from .files import atomic_write_json, cache_dir, is_local_path
 
 logger = logging.getLogger("gluetune")
 
@@ -109,15 +111,53 @@ def gguf_path(model: ModelConfig) -> Path:
         raise hub_error(f"{name}/{file}", err) from None
 
 
+CONVERSION_RECORD = "gluetune_conversion.json"  # written last: the folder is complete, and what made it
+
+
 def converted_gguf_folder(path: Path, model: ModelConfig) -> str:
-    """A model folder holding `path` dequantized (fp32 safetensors, tokenizer, config); made once."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    folder = cache_dir("gguf") / f"{path.stem}-{key}"
-    if (folder / "config.json").is_file():
+    """A model folder holding `path` dequantized (fp32 safetensors, tokenizer, config); made once.
+
+    Keyed by the file and by what converts it (transformers, gguf): another version may
+    dequantize differently. One process converts at a time (a sweep's jobs may all start on a new
+    GGUF); the others wait and read its result.
+    """
+    key = _conversion_key(path, model)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_dir("gguf") / f"{path.stem}-{digest}"
+    if (folder / CONVERSION_RECORD).is_file():
         return str(folder)
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"model.gguf_file {path.name}: reading GGUF checkpoints needs the gguf package (pip install gguf)")
+    from filelock import FileLock
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{folder}.lock"):
+            if not (folder / CONVERSION_RECORD).is_file():  # or another process converted it while this one waited
+                _convert_gguf(path, model, folder, key)
+    except OSError as err:
+        raise UserError(f"model.gguf_file {path.name}: could not write its converted copy in {folder.parent}: "
+                        f"{one_line(err)}; free some space there or set GLUETUNE_CACHE_DIR to another folder") from None
+    return str(folder)
+
+
+def _conversion_key(path: Path, model: ModelConfig) -> dict:
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    stat = path.stat()
+    return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "transformers": version("transformers"), "gguf": version("gguf"),
+            "trust_remote_code": bool(model.trust_remote_code)}
+
+
+def _convert_gguf(path: Path, model: ModelConfig, folder: Path, key: dict) -> None:
+    """Dequantize `path` into `folder` (its lock held): written beside it, then renamed into place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s into a model folder (once; cached in %s)", path.name, folder.parent)
@@ -132,15 +172,13 @@ def converted_gguf_folder(path: Path, model: ModelConfig) -> str:
     causal.hf_quantizer = None
     if hasattr(causal.config, "quantization_config"):
         del causal.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
         causal.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process converted it first
-            pass
+        atomic_write_json(tmp / CONVERSION_RECORD, key)
+        if folder.exists():  # a copy without its record: cut short (an older gluetune, a full disk)
+            shutil.rmtree(folder)
+        tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)

@@ -59,7 +59,12 @@ class GluetuneTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         if self.args.train_sampling_strategy != "group_by_length":
-            return super().get_train_dataloader()
+            # transformers' samplers: the Trainer builds the loader with data_collator; lend it ours
+            evaluation_collator, self.data_collator = self.data_collator, self.train_collator
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = evaluation_collator
         if self.args.accelerator_config.split_batches or self.args.accelerator_config.dispatch_batches:
             raise UserError("training.accelerator_config: split_batches / dispatch_batches do not apply to gluetune's "
                             "length-grouped steps (each process already gets its own); remove them")
@@ -68,6 +73,7 @@ class GluetuneTrainer(Trainer):
             self.train_dataset[self.args.length_column_name], self._train_batch_size, seed=seed,
             accumulation=self.args.gradient_accumulation_steps, processes=self.args.world_size,
             rank=self.args.process_index, group_steps=self.group_steps, smallest_step=self.split_of_a_step,
+            drop_last=self.args.dataloader_drop_last,
         )
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         params = {

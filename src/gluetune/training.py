@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -132,6 +133,14 @@ def check_cuda_graphs(config: RunConfig, args: TrainingArguments) -> None:
                         f"{args.world_size}; set training.cuda_graphs=false")
 
 
+def batch_factors(args: TrainingArguments) -> dict[str, int]:
+    """What one optimizer step holds. One process that sees several GPUs without a launcher runs
+    them as DataParallel (TrainingArguments.n_gpu > 1): each micro-batch then holds per device x
+    GPUs examples."""
+    return {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
+            "processes": args.world_size, "gpus_per_process": max(1, args.n_gpu)}
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -151,18 +160,21 @@ def train(config: RunConfig, callbacks: list | None = None) -> TrainOutcome:
     created = not output_dir.exists()
     lock = rundir.OutputDirLock(output_dir) if distributed.is_main_process() else None
     try:
-        finished, checkpoint = distributed.run_on_main(lambda: _prepare_folder(config, lock), UserError)
+        finished, checkpoint = distributed.run_on_main(lambda: _prepare_folder(config, lock, batch_factors(args)),
+                                                       UserError)
         if finished:
             logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
             return TrainOutcome(metrics=metrics.read_metrics(output_dir))
         return _train_in(config, args, checkpoint, callbacks or [])
     finally:
-        if lock is not None:
-            lock.release()
+        # Only the lock's holder may clean up, and before it lets go: a refused start must not take
+        # away the lock of the run that holds the folder.
+        if lock is not None and lock.held:
             rundir.remove_if_unused(output_dir, created)
+            lock.release()
 
 
-def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock) -> tuple[bool, Path | None]:
+def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock, batch: dict[str, int]) -> tuple[bool, Path | None]:
     """(whether the folder holds this run finished, the checkpoint to resume). Main process only."""
     hub.check_can_push(config.training)
     lock.acquire()
@@ -171,6 +183,7 @@ def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock) -> tuple[bool
         check_same_settings(output_dir, config, "--resume")
         if rundir.is_finished(output_dir):
             return True, None
+        rundir.check_same_batch(output_dir, batch)
     return False, rundir.prepare(output_dir, control.resume, control.overwrite)
 
 
@@ -185,11 +198,9 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop, *callbacks])
     if distributed.is_main_process():
         save_config(config, config.output_dir)
-        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
-        per_device = args.per_device_train_batch_size
-        logger.info("effective batch %d = %d per device x %d accumulation x %d process(es)%s",
-                    per_device * args.gradient_accumulation_steps * args.world_size, per_device,
-                    args.gradient_accumulation_steps, args.world_size, _parallelism(trainer))
+        batch = batch_factors(args)
+        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint, batch)
+        logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
     stop.install()
@@ -303,8 +314,9 @@ def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkp
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "loss": metrics.train_loss_of(trainer.state.log_history),
-            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "effective_batch_size": math.prod(batch_factors(args).values()),
             "processes": args.world_size,
+            "gpus_per_process": batch_factors(args)["gpus_per_process"],
             "resumed_from": checkpoint.name if checkpoint else None,
         },
         "wall_s": round(time.time() - started, 2),
