@@ -198,13 +198,14 @@ def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_pa
 
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    # dynamo's own patch (a monkeypatch undo left recompile_limit deleted for later tests of the process)
+    dynamo_settings = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
+                                                 recompile_limit=torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
     out = tmp_path / "rte"
     rte = ["dataset.subset=rte", "dataset.text_column=null", "training.metric_for_best_model=accuracy",
            "training.fast_path=true", "training.report_to=none"]
-    with caplog.at_level("WARNING", logger="gluetune"):
+    with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
         summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
     assert summary["train"]["steps"] == 10
     assert "compiling the layers failed" not in caplog.text  # the rehearsal would fall back to eager layers
