@@ -1,22 +1,29 @@
 #!/bin/bash
 # bench/gpu_qwen.py on a lent GPU machine that has no internet and no ../shared.
 #
-#   bash bench/gpu_device.sh stage        # here: wheels into .whl/, CoLA + Qwen assets into .gpu_assets/
-#   bash bench/gpu_device.sh run [ARGS]   # there (carry .whl and .gpu_assets): ARGS go to gpu_qwen.py
-#   bash bench/gpu_device.sh stage-minilm # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
-#   bash bench/gpu_device.sh sweep [ARGS] # there: `gluetune sweep` of the CPU default's config, ARGS added
+#   bash bench/gpu_device.sh stage          # here: wheels into .whl/, CoLA + Qwen assets into .gpu_assets/
+#   bash bench/gpu_device.sh measure [ARGS] # there (carry .whl and .gpu_assets): the fast path's measurement
+#   bash bench/gpu_device.sh run [ARGS]     # there: ARGS go to gpu_qwen.py as they are
+#   bash bench/gpu_device.sh stage-minilm   # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
+#   bash bench/gpu_device.sh sweep-fast [ARGS] # there: the 8-seed MiniLM sweep with and without the fast path
+#   bash bench/gpu_device.sh sweep [ARGS]   # there: `gluetune sweep` of the CPU default's config, ARGS added
 #
-# The fast path's measurement (issue "reference run in under a minute"), as two device calls:
-#   stage; run --fast --skip_gluetune --skip_baseline      # 10 epochs, fast path, cold then warm compile
-#          run --epochs 1                                  # one epoch of the plain path and of the baseline
-#   stage-minilm; sweep --seeds 1,2,3,4,5,6,7,8 --jobs 16 --set training.bf16=false \
-#          --grid training.fast_path=false,true --sweep_dir /tmp/sw/fast   # MCC medians with and without it
+# `measure` times, in one call, on the reference shapes: plain gluetune and the Trainer + PEFT baseline
+# for one epoch (--epochs), the fast path without and with whole-step CUDA graphs for FAST_EPOCHS
+# epochs (10 by default), cold and warm; each kind first runs 20 steps and a failing one stops it all
+# (gpu_qwen.py's probes). It prints the GPU's name, seconds, steps/s, peak memory, per-epoch train and
+# evaluation seconds. `sweep-fast` prints the MiniLM sweep's table (median MCC per setting) for
+# training.fast_path=false,true over 8 seeds (the median may not move by more than 0.01).
+#
+# Rehearse on a CPU first (no wheels installed, a tiny model, a CoLA slice, ../shared as the source):
+#   bash bench/gpu_device.sh measure --smoke      bash bench/gpu_device.sh sweep-fast --smoke
 #
 # The sweep mode screens settings of the CPU default with many seeds at once (a GPU and 16 cores
 # do in minutes what takes this 2-core machine hours); the CPU default's own figures are then run on
 # the CPU. Its MiniLM travels as fp16 (the carry limit is 64 MiB; fp32 is 87 MiB) and is loaded as
 # fp32: weights rounded to 11 significant bits, so its results are screening figures, labelled as
-# such (per seed they came within ~0.003 MCC of the CPU's, README).
+# such (per seed they came within ~0.003 MCC of the CPU's, README). One mode's assets travel at a
+# time (the carry limit): stage, measure; then stage-minilm, sweep-fast (two device calls).
 #
 # The device's own torch is used; transformers, peft, datasets etc. travel as wheels pinned to the
 # versions installed here, so both machines run the same library code. Add both folders to
@@ -57,10 +64,37 @@ Path(".gpu_assets/minilm/model.safetensors.xz").write_bytes(lzma.compress(save(w
 PY
   du -sh .whl .gpu_assets
   ;;
-run|sweep)
+run|measure|sweep|sweep-fast)
   mode=$1
   shift
   PY=${PY:-python3}
+  smoke=
+  if [ "$1" = --smoke ]; then  # a rehearsal on this machine: its own packages, ../shared, a tiny run
+    smoke=1
+    shift
+  fi
+  if [ "$mode" = measure ]; then
+    mode=run
+    set -- --epochs 1 --fast --graphs --fast_epochs "${FAST_EPOCHS:-10}" ${smoke:+--smoke} "$@"
+  fi
+  if [ "$mode" = sweep-fast ]; then
+    mode=sweep
+    if [ -n "$smoke" ]; then
+      set -- --seeds 1 --jobs 1 --set dataset.max_train_samples=64 --set dataset.max_eval_samples=64 \
+        --set training.num_train_epochs=1 --grid training.fast_path=false,true --sweep_dir "${SWEEP_DIR:-/tmp/sw-smoke-$$}" "$@"
+    else
+      set -- --seeds 1,2,3,4,5,6,7,8 --jobs 16 --set training.bf16=false --grid training.fast_path=false,true \
+        --sweep_dir "${SWEEP_DIR:-/tmp/sw/fast}" "$@"
+    fi
+  fi
+  if [ -n "$smoke" ]; then
+    SHARED=${SHARED:-../shared}
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    if [ "$mode" = sweep ]; then
+      exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set "dataset.data_dir=$SHARED/data/glue" "$@"
+    fi
+    exec $PY bench/gpu_qwen.py "$@"
+  fi
   if [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -78,6 +112,7 @@ run|sweep)
     --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B "$@"
   ;;
 *)
-  echo "usage: bash bench/gpu_device.sh stage | run [gpu_qwen.py arguments] | stage-minilm | sweep [gluetune sweep arguments]" >&2; exit 2
+  echo "usage: bash bench/gpu_device.sh stage | measure [--smoke] [gpu_qwen.py arguments] | run [gpu_qwen.py arguments]" \
+    "| stage-minilm | sweep-fast [--smoke] | sweep [gluetune sweep arguments]" >&2; exit 2
   ;;
 esac

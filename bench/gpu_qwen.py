@@ -9,11 +9,20 @@ process: gluetune from configs/glue_cola_qwen.yaml, and the plain Trainer + PEFT
 
     python bench/gpu_qwen.py                 # on a CUDA machine (10 epochs: ~14 min per contender on an H200)
     python bench/gpu_qwen.py --fast --skip_gluetune --skip_baseline   # the fast path alone, cold then warm
+    python bench/gpu_qwen.py --epochs 1 --fast --graphs --fast_epochs 10   # bench/gpu_device.sh's plan
     python bench/gpu_qwen.py --smoke         # the same pipeline on a tiny model, on any machine
 
-`--fast` adds gluetune with `training.fast_path=true`, timed twice: cold (an empty compile cache,
-compilation included) and warm (the cache the cold run filled). `--set section.key=value` passes
-overrides to every gluetune contender, to compare the fast path's leads one at a time.
+`--fast` adds gluetune with `training.fast_path=true`, `--graphs` the fast path with whole-step CUDA
+graphs (`training.cuda_graphs=true`), each timed twice: cold (an empty compile cache, compilation
+included) and warm (the cache the cold run filled); `--fast_epochs` sets their epochs (default:
+`--epochs`). `--set section.key=value` passes overrides to every gluetune contender, to compare the
+fast path's leads one at a time.
+
+It fails fast: every kind of contender first runs `--probe_steps` optimizer steps (20; each in its own
+process and compile cache, so the cold runs stay cold), and the first probe that fails stops the
+benchmark with its error, before any long run. Each run prints wall seconds, optimizer steps/s,
+real tokens/s and peak memory, then its per-epoch training and evaluation seconds; `prepare_s` is
+the time before the first step (model, data, and for the fast path the compile rehearsal).
 
 Without CUDA (and without --smoke) it says so and exits 0. The device machine has no ../shared and
 no internet: bench/gpu_device.sh stages the data, assets and pinned wheels, and runs this there.
@@ -61,6 +70,7 @@ def gpu_report(wall: float, steps: int, real_tokens: int, extra: dict) -> dict:
     cuda = torch.cuda.is_available()
     return {
         "wall_s": wall,
+        "steps": steps,
         "steps_per_s": steps / wall,
         "real_tokens_per_s": real_tokens / wall,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0,
@@ -81,7 +91,40 @@ def cola_real_tokens(glue_dir: Path, tokenizer_path: Path, epochs: float, smoke:
     return int(sum(len(ids) for ids in tokenizer(sentences)["input_ids"]) * epochs)
 
 
-def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_overrides: list[str], smoke: bool) -> dict:
+def epoch_timer(started: float):
+    """A TrainerCallback timing each epoch's training and evaluation (and the time before the first step)."""
+    import torch
+    from transformers import TrainerCallback
+
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's work so far, not just its launches
+        return time.perf_counter()
+
+    class EpochTimer(TrainerCallback):
+        def __init__(self):
+            self.prepare_s, self.train_s, self.eval_s, self.began = None, [], [], None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.prepare_s = now() - started
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.began = now()
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.train_s.append(now() - self.began)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.eval_s.append(sum(v for k, v in (metrics or {}).items() if k.endswith("_runtime")))
+
+        def report(self) -> dict:
+            return {"prepare_s": self.prepare_s, "epoch_train_s": list(self.train_s), "epoch_eval_s": list(self.eval_s)}
+
+    return EpochTimer()
+
+
+def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_overrides: list[str], smoke: bool,
+                 max_steps: int = 0) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -92,16 +135,20 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_ov
                  f"training.num_train_epochs={epochs}", *extra_overrides]
     if smoke:
         overrides.append(f"dataset.max_train_samples={SMOKE_EXAMPLES}")
+    if max_steps:
+        overrides.append(f"training.max_steps={max_steps}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    metrics = train(load_config(CONFIG, overrides)).metrics
+    timer = epoch_timer(time.perf_counter())
+    metrics = train(load_config(CONFIG, overrides), callbacks=[timer]).metrics
     wall = metrics["train"]["runtime_s"]
-    tokens = cola_real_tokens(glue_dir, model, epochs, smoke)
+    tokens = cola_real_tokens(glue_dir, model, metrics["train"]["epochs"], smoke)
     return gpu_report(wall, metrics["train"]["steps"], tokens,
-                      {"mcc": metrics["validation"]["matthews_correlation"], "trainable": metrics["trainable_parameters"]})
+                      {"mcc": metrics["validation"]["matthews_correlation"], "trainable": metrics["trainable_parameters"],
+                       **timer.report()})
 
 
-def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: bool) -> dict:
+def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: bool, max_steps: int = 0) -> dict:
     """Plain Trainer + PEFT as a user writes it: dynamic padding, default sampler, fp32 load, bf16 autocast."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -119,6 +166,7 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
     from gluetune.data import read_glue_split
     from gluetune.tasks import get_task
 
+    started = time.perf_counter()
     set_seed(42)
     cola = get_task("cola")
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -144,20 +192,23 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
         output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=16, gradient_accumulation_steps=2,
         learning_rate=3e-4, optim="adamw_torch", bf16=bf16, eval_strategy="epoch", save_strategy="epoch",
         load_best_model_at_end=True, metric_for_best_model="matthews_correlation", save_total_limit=2,
-        report_to="none", logging_steps=50, seed=42,
+        report_to="none", logging_steps=50, seed=42, max_steps=max_steps or -1,
     )
 
     def mcc(p):
         return {"matthews_correlation": matthews_corrcoef(p.label_ids, p.predictions.argmax(-1))}
 
+    timer = epoch_timer(started)
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, eval_dataset=dev,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=mcc)
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=mcc, callbacks=[timer])
     started = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - started
-    tokens = cola_real_tokens(glue_dir, model, epochs, smoke)
+    timings = timer.report()
+    tokens = cola_real_tokens(glue_dir, model, trainer.state.epoch, smoke)
     return gpu_report(wall, trainer.state.global_step, tokens,
-                      {"mcc": trainer.evaluate()["eval_matthews_correlation"], "train_runtime_s": result.metrics["train_runtime"]})
+                      {"mcc": trainer.evaluate()["eval_matthews_correlation"], "train_runtime_s": result.metrics["train_runtime"],
+                       **timings})
 
 
 def child(args) -> None:
@@ -169,15 +220,41 @@ def child(args) -> None:
     warnings.filterwarnings("ignore")
     out = Path(tempfile.mkdtemp(prefix=f"bench-{args.contender}-"))
     model, glue_dir = Path(args.model), Path(args.glue_dir)
-    if args.contender == "baseline":
-        report = run_baseline(model, glue_dir, out, args.epochs, args.smoke)
-    elif args.contender.startswith("gluetune-fast"):
-        report = run_gluetune(model, glue_dir, out, args.epochs, ["training.fast_path=true", *args.overrides], args.smoke)
-    elif args.contender == "gluetune-compile":
-        report = run_gluetune(model, glue_dir, out, args.epochs, ["training.torch_compile=true", *args.overrides], args.smoke)
+    kind = args.contender.split()[0]
+    if kind == "baseline":
+        report = run_baseline(model, glue_dir, out, args.epochs, args.smoke, args.probe_steps)
     else:
-        report = run_gluetune(model, glue_dir, out, args.epochs, list(args.overrides), args.smoke)
+        report = run_gluetune(model, glue_dir, out, args.epochs, [*CONTENDER_SETTINGS[kind], *args.overrides], args.smoke,
+                              args.probe_steps)
     print(json.dumps(report))
+
+
+# What each gluetune contender sets on top of configs/glue_cola_qwen.yaml.
+CONTENDER_SETTINGS = {
+    "gluetune": [],
+    "gluetune-compile": ["training.torch_compile=true"],
+    "gluetune-fast": ["training.fast_path=true"],
+    "gluetune-graphs": ["training.fast_path=true", "training.cuda_graphs=true"],
+}
+
+
+def run_child(args, name: str, model: Path, epochs: float, cache: Path, probe_steps: int = 0):
+    """One contender in its own process: (its JSON report, or None, and its stderr)."""
+    cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
+           "--epochs", str(epochs), "--probe_steps", str(probe_steps)] + (["--smoke"] if args.smoke else [])
+    cmd += [arg for item in args.overrides for arg in ("--set", item)]
+    # keep the caller's PYTHONPATH (packages carried onto a device machine live there)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
+           "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return None, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def seconds(values: list[float]) -> str:
+    return " ".join(f"{v:.1f}" for v in values) or "-"
 
 
 def main() -> None:
@@ -190,6 +267,11 @@ def main() -> None:
     parser.add_argument("--skip_gluetune", action="store_true", help="time the plain Trainer + PEFT baseline alone")
     parser.add_argument("--compile", action="store_true", help="also time gluetune with training.torch_compile=true")
     parser.add_argument("--fast", action="store_true", help="also time the fast path (training.fast_path=true), cold and warm")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time the fast path with whole-step CUDA graphs (training.cuda_graphs=true), cold and warm")
+    parser.add_argument("--fast_epochs", type=float, help="epochs of the fast-path contenders (default: --epochs)")
+    parser.add_argument("--probe_steps", type=int, default=20,
+                        help="optimizer steps each kind of contender runs first; a failure stops the benchmark (0: no probes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every gluetune contender, repeatable")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 256 examples: checks the script, any device")
@@ -208,31 +290,42 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)"
     print(f"device: {device}; torch {torch.__version__}; model shapes: {Path(args.model_config).name}"
           f"{' shrunk (smoke)' if args.smoke else ''}; epochs: {args.epochs:g}", flush=True)
-    contenders = (([] if args.skip_gluetune else ["gluetune"]) + (["gluetune-compile"] if args.compile else [])
-                  + (["gluetune-fast (cold)", "gluetune-fast (warm)"] if args.fast else [])
+    if args.graphs and not torch.cuda.is_available():
+        print("gluetune-graphs: skipped (no CUDA here; training.cuda_graphs is refused without it)", flush=True)
+    fast = (["gluetune-fast (cold)", "gluetune-fast (warm)"] if args.fast else []) + (
+        ["gluetune-graphs (cold)", "gluetune-graphs (warm)"] if args.graphs and torch.cuda.is_available() else [])
+    contenders = (([] if args.skip_gluetune else ["gluetune"]) + (["gluetune-compile"] if args.compile else []) + fast
                   + ([] if args.skip_baseline else ["baseline"]))
+    fast_epochs = args.fast_epochs or args.epochs
     with tempfile.TemporaryDirectory() as tmp:
-        compile_cache = Path(tmp) / "inductor-cache"  # empty for the cold run, filled for the warm one
         model = Path(tmp) / "model"
         started = time.perf_counter()
         build_random_model(Path(args.model_config), Path(args.tokenizer), model, args.smoke)
         print(f"random-weight model written in {time.perf_counter() - started:.0f} s", flush=True)
+        kinds = list(dict.fromkeys(name.split()[0] for name in contenders))
+        for kind in kinds if args.probe_steps > 0 else ():
+            started = time.perf_counter()
+            report, stderr = run_child(args, kind, model, args.epochs, Path(tmp) / f"probe-cache-{kind}", args.probe_steps)
+            if report is None:
+                print(f"{kind}: the {args.probe_steps}-step probe failed; stopping before the long runs\n{stderr[-3000:]}",
+                      flush=True)
+                sys.exit(1)
+            print(f"probe {kind:17s} {report['steps']} steps ok in "
+                  f"{time.perf_counter() - started:.0f} s (prepare_s={report['prepare_s']:.1f})", flush=True)
         for name in contenders:
-            cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
-                   "--epochs", str(args.epochs)] + (["--smoke"] if args.smoke else [])
-            cmd += [arg for item in args.overrides for arg in ("--set", item)]
-            # keep the caller's PYTHONPATH (packages carried onto a device machine live there)
-            pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-            env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
-                   "TORCHINDUCTOR_CACHE_DIR": str(compile_cache), "TRITON_CACHE_DIR": str(compile_cache / "triton")}
-            result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-            if result.returncode != 0:
-                print(f"{name}: failed\n{result.stderr[-3000:]}", flush=True)
+            kind = name.split()[0]
+            epochs = fast_epochs if kind in ("gluetune-fast", "gluetune-graphs") else args.epochs
+            # one compile cache per kind: empty for its cold run, filled for its warm one
+            report, stderr = run_child(args, name, model, epochs, Path(tmp) / f"cache-{kind}")
+            if report is None:
+                print(f"{name}: failed\n{stderr[-3000:]}", flush=True)
                 continue
-            r = json.loads(result.stdout.strip().splitlines()[-1])
-            print(f"{name:21s} wall_s={r['wall_s']:.1f} steps/s={r['steps_per_s']:.2f} "
+            r = report
+            print(f"{name:23s} epochs={epochs:g} wall_s={r['wall_s']:.1f} steps/s={r['steps_per_s']:.2f} "
                   f"real_tokens/s={r['real_tokens_per_s']:.0f} peak_gpu_gb={r['peak_gpu_gb']:.2f} "
-                  f"(reserved {r['peak_gpu_reserved_gb']:.2f}) mcc={r['mcc']:.4f}", flush=True)
+                  f"(reserved {r['peak_gpu_reserved_gb']:.2f}) mcc={r['mcc']:.4f} prepare_s={r['prepare_s']:.1f}", flush=True)
+            print(f"{'':23s} per epoch: train_s {seconds(r['epoch_train_s'])} | eval_s {seconds(r['epoch_eval_s'])}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_the_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path, mo
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((type(self).__name__, kwargs)))
     runs = plain_and_fast_runs(tiny_qwen, tmp_path)
     assert [c[0] for c in compiled] == ["Qwen2DecoderLayer", "Qwen2DecoderLayer"]
-    assert compiled[0][1] == {"mode": None, "dynamic": False}  # CUDA graphs ("reduce-overhead") only on CUDA
+    assert compiled[0][1] == {"dynamic": False}  # no mode="reduce-overhead": it crashed on CUDA (fastpath docstring)
     assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
 
 
@@ -113,6 +113,64 @@ def test_the_compiled_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp
     assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
 
 
+def test_a_failing_compilation_trains_on_the_plain_path_with_nothing_lost(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """The compiled layer raises (as a compiler on a GPU did): the rehearsal before training catches
+    it, one line says so, and the run ends with the plain run's metrics."""
+
+    def compile_that_fails(self, **kwargs):
+        def broken(*args, **kw):
+            raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten\nsecond line")
+
+        self._compiled_call_impl = broken
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_that_fails)
+    with caplog.at_level("WARNING", logger="gluetune"):
+        runs = plain_and_fast_runs(tiny_qwen, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "compiling the layers failed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "RuntimeError: accessing tensor output" in warnings[0]
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def test_the_rehearsal_changes_no_weight_gradient_random_stream_or_step(tiny_qwen, tmp_path):
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "peft.lora_dropout=0.1")
+    model = trainer.model
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+    train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [train_set.sort("length")])
+    assert fastpath.rehearse(trainer, train_batches, eval_batches, fastpath.repeated_layers(model))  # eager layers here
+    assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), random_state)  # dropout drew from it, and it was put back
+    assert all(p.grad is None for p in model.parameters())
+    assert trainer.state.global_step == 0 and trainer.optimizer is None
+
+
+def test_the_step_plan_has_every_shape_an_epoch_uses(tiny_qwen, tmp_path):
+    """One rehearsal batch (and, with CUDA graphs, one captured graph) per shape the epoch's training
+    and evaluation batches have, each real (the collators' own output)."""
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "dataset.max_train_samples=83")
+    plan = fastpath.training_shapes(train_set["length"], rows=32)
+    evals = train_set.sort("length")
+    train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [evals])
+    assert [tuple(b["input_ids"].shape) for b in train_batches] == plan
+    assert {tuple(b["input_ids"].shape) for b in trainer.get_train_dataloader()} <= set(plan)
+    assert {tuple(b["input_ids"].shape) for b in trainer.get_eval_dataloader(evals)} == {
+        tuple(b["input_ids"].shape) for b in eval_batches}
+    assert all((b["labels"] != -100).any() for b in train_batches)
+
+
+def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path):
+    from conftest import as_set_args, assert_one_line_error, run_cli
+
+    from gluetune.errors import UserError
+
+    with pytest.raises(UserError, match=r"training.cuda_graphs needs training.fast_path: true"):
+        load_config(REFERENCE_CONFIG, ["training.cuda_graphs=true"])
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", "training.cuda_graphs=true"]
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    assert_one_line_error(result, "training.cuda_graphs", "need a CUDA GPU", "cuda_graphs=false")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fast_path_keeps_an_explicit_evaluation_batch(tiny_qwen, tmp_path):
     from gluetune.arguments import FAST_PATH_EVAL_BATCH
     from gluetune.training import training_arguments
@@ -131,7 +189,7 @@ def test_random_sampling_keeps_the_training_collator(tiny_qwen, tmp_path):
     assert trainer.get_train_dataloader().collate_fn is trainer.train_collator
 
 
-def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, monkeypatch):
+def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, monkeypatch, caplog):
     """RTE's long pairs fill many 16-token buckets; with dynamic=False each shape (and train/eval mode)
     is one compilation, and past dynamo's recompile limit the layers would quietly run eager.
     fail_on_recompile_limit_hit turns that into an error; dynamo's eager backend keeps the
@@ -140,14 +198,17 @@ def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_pa
 
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    # dynamo's own patch (a monkeypatch undo left recompile_limit deleted for later tests of the process)
+    dynamo_settings = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
+                                                 recompile_limit=torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
     out = tmp_path / "rte"
     rte = ["dataset.subset=rte", "dataset.text_column=null", "training.metric_for_best_model=accuracy",
            "training.fast_path=true", "training.report_to=none"]
-    summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
+    with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
+        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
     assert summary["train"]["steps"] == 10
+    assert "compiling the layers failed" not in caplog.text  # the rehearsal would fall back to eager layers
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])  # past the default limit
     torch._dynamo.reset()

@@ -26,6 +26,7 @@ GLUETUNE_KEYS: dict[str, Any] = {
     "cpu_heap_limit": bool,  # speedups.limit_cpu_heap_growth, by the command line on a CPU (default true)
     "length_group_batches": int | None,  # optimizer steps per length-sorted group (sampling.LengthGroupedBatches)
     "fast_path": bool,  # fastpath: one micro-batch per step, padded length buckets, compiled layers (default false)
+    "cuda_graphs": bool,  # cudagraphs: the fast path's steps as captured CUDA graphs (default false; unproven)
     "overwrite_output_dir": bool,  # run control (v4 name; --overwrite), never saved
 }
 # Run control: how this command treats the output folder, not what the run is. Kept out of the
@@ -81,6 +82,9 @@ def resolve_training(raw: Any, source: str, task: Task, config_stem: str) -> dic
             raise UserError(f"{source}: training.warmup_ratio: {ratio} is not valid; expected a number in [0, 1)")
         raw["warmup_steps"] = float(ratio)
 
+    if raw.get("cuda_graphs") and not raw.get("fast_path"):
+        raise UserError(f"{source}: training.cuda_graphs needs training.fast_path: true (its padded length buckets are "
+                        "the few shapes a graph is captured for); set both, or remove cuda_graphs")
     groups = raw.get("length_group_batches")
     if groups is not None and groups < 1:
         raise UserError(f"{source}: training.length_group_batches: {groups} is not valid; expected a positive integer (or null)")

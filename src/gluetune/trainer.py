@@ -47,6 +47,8 @@ class GluetuneTrainer(Trainer):
         self.parameter_groups = parameter_groups
         self.loss_watch = loss_watch
         self._flops_per_token: int | None = None
+        self.graphed_steps = None
+        self._is_regression: bool | None = None
         # The Trainer counts the step's examples (num_items_in_batch) only for models it believes
         # normalise by it; compute_loss below always does.
         self.model_accepts_loss_kwargs = True
@@ -109,8 +111,9 @@ class GluetuneTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs.logits.float()
         kept = labels != -100  # -100: a filler row (fastpath), as in transformers' losses
-        if getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression":
-            total = torch.nn.functional.mse_loss(logits.view(-1)[kept], labels.float()[kept], reduction="sum")
+        if self._regression(model):
+            # masked rather than indexed: boolean indexing waits for the device (and cannot be captured)
+            total = torch.where(kept, logits.view(-1) - labels.float(), 0).square().sum()
         else:
             total = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100,
                                                       label_smoothing=self.args.label_smoothing_factor, reduction="sum")
@@ -124,8 +127,25 @@ class GluetuneTrainer(Trainer):
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
+    def _regression(self, model) -> bool:
+        # Asked once: accelerate's unwrap_model walks every module of the model on each call (looking
+        # for compiled regions); per micro-batch that was half the module walks of a step
+        # (docs/performance.md, host overhead).
+        if self._is_regression is None:
+            self._is_regression = getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression"
+        return self._is_regression
+
+    def use_graphed_steps(self, steps) -> None:
+        """`steps(inputs, num_items_in_batch)` runs forward and backward of a batch (a captured CUDA
+        graph, cudagraphs.GraphedSteps) and returns the loss, or None for a batch it cannot run."""
+        self.graphed_steps = steps
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = None
+        if self.graphed_steps is not None:
+            loss = self.graphed_steps(self._prepare_inputs(inputs), num_items_in_batch)
+        if loss is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self.loss_watch is not None:
             self.loss_watch.note(loss, self.state.global_step + 1)
         return loss

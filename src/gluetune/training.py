@@ -20,7 +20,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
+from . import arguments, card, cudagraphs, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
 from .config import RunConfig, check_same_settings, save_config
 from .errors import RunInterrupted, UserError
@@ -114,9 +114,23 @@ def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArgume
     for notice in [] if quiet or not distributed.is_main_process() else notices + more:
         logger.warning(notice)
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (ValueError, TypeError) as err:
         raise UserError(f"{config.source}: training: {err}".splitlines()[0]) from None
+    check_cuda_graphs(config, args)
+    return args
+
+
+def check_cuda_graphs(config: RunConfig, args: TrainingArguments) -> None:
+    """`training.cuda_graphs` where it can run: a CUDA GPU, one process (cudagraphs.py)."""
+    if not config.training.get("cuda_graphs"):
+        return
+    if not cuda_available():
+        raise UserError(f"{config.source}: training.cuda_graphs: CUDA graphs need a CUDA GPU and this machine has none "
+                        f"({device_name()}); set training.cuda_graphs=false (the fast path runs without them)")
+    if args.world_size > 1:
+        raise UserError(f"{config.source}: training.cuda_graphs: captured steps run in one process, this run has "
+                        f"{args.world_size}; set training.cuda_graphs=false")
 
 
 def batch_factors(args: TrainingArguments) -> dict[str, int]:
@@ -138,8 +152,9 @@ class TrainOutcome:
     predictions: dict[str, Any] | None = None  # validation split -> PredictionOutput of the final model
 
 
-def train(config: RunConfig) -> TrainOutcome:
-    """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics."""
+def train(config: RunConfig, callbacks: list | None = None) -> TrainOutcome:
+    """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics.
+    `callbacks`: more TrainerCallbacks for this run (e.g. a benchmark's timers)."""
     args = training_arguments(config)
     output_dir = config.output_dir
     created = not output_dir.exists()
@@ -150,7 +165,7 @@ def train(config: RunConfig) -> TrainOutcome:
         if finished:
             logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
             return TrainOutcome(metrics=metrics.read_metrics(output_dir))
-        return _train_in(config, args, checkpoint)
+        return _train_in(config, args, checkpoint, callbacks or [])
     finally:
         # Only the lock's holder may clean up, and before it lets go: a refused start must not take
         # away the lock of the run that holds the folder.
@@ -172,7 +187,7 @@ def _prepare_folder(config: RunConfig, lock: rundir.OutputDirLock, batch: dict[s
     return False, rundir.prepare(output_dir, control.resume, control.overwrite)
 
 
-def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None) -> TrainOutcome:
+def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None, callbacks: list) -> TrainOutcome:
     started = time.time()
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
     tokenizer, model = _load_model(config, args)
@@ -180,7 +195,7 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
     evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
     stop, board = GracefulStop(), _tensorboard(config)
-    trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop])
+    trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop, *callbacks])
     if distributed.is_main_process():
         save_config(config, config.output_dir)
         batch = batch_factors(args)
@@ -266,7 +281,12 @@ def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: 
                        "(the same training, each process holding the whole model)")
     trainer.remove_callback(PrinterCallback)  # progress.ConsoleProgress shows progress instead
     trainer.remove_callback(ProgressCallback)
-    fastpath.prepare_model(trainer, config, cuda_available())
+    if fastpath.enabled(config):
+        layers = fastpath.prepare_model(trainer, config)
+        train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
+        fastpath.rehearse(trainer, train_batches, eval_batches, layers)
+        if config.training.get("cuda_graphs"):
+            cudagraphs.use_graphs(trainer, train_batches)
     return trainer
 
 

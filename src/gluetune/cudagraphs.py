@@ -1,0 +1,165 @@
+"""Whole-step CUDA graphs (`training.cuda_graphs: true`, with the fast path): UNPROVEN, off by default.
+
+Written without a GPU at hand: the pieces that run without CUDA are tested (static buffers, gradient
+buffers, the per-bucket step plan in fastpath), the capture itself has not run yet. A failure to
+capture is caught before training (the run says so in one line and trains without graphs).
+
+Why: a LoRA step on CoLA-sized batches is thousands of small kernels, each launched by the host; a
+CUDA graph launches a recorded step in one call. The fast path gives each epoch a handful of shapes
+(one per padded length bucket, always the full micro-batch's rows), so one graph per bucket covers
+every step. Per bucket, forward and backward (into fixed gradient buffers) are captured once and
+replayed each step; the Trainer still clips (a few foreach kernels, and it logs the norm), steps the
+optimizer and the schedule outside the graph, so the learning rate is never a number frozen into it.
+
+The known pitfalls, and what is done about each:
+- the Trainer's `zero_grad(set_to_none=True)` drops `.grad`: the fixed buffers are re-attached before
+  every replay, and the graph zeroes them itself;
+- the step's example count changes per step: it is a device tensor the graph reads (`items`), filled
+  before each replay; the learning rate lives outside the graph;
+- warm-up and capture must not change the starting weights: they run forward and backward only (no
+  optimizer exists yet), and the gradients and random streams are put back (fastpath.attempt);
+- no host sync inside: the loss is normalised by a device tensor; the Trainer's NaN filter is off
+  (arguments.trainer_kwargs) and token counting is not asked for; a sync that remains fails the
+  capture, which the rehearsal turns into a run without graphs;
+- LoRA dropout's random numbers: `torch.cuda.graph` registers the default CUDA generator, and each
+  replay advances its offset, so every replay draws fresh masks (PyTorch's "graph-safe" RNG);
+- evaluation never runs in a graph, and the only graph output read (the loss) is copied at once.
+
+Single process, bf16 or fp32 only (fp16's loss scaler skips steps by a host-side check).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from . import fastpath
+
+logger = logging.getLogger("gluetune")
+
+WARMUP_STEPS = 3  # side-stream iterations before capture (lazy inits, autograd's stream set-up), per PyTorch's notes
+
+
+class StaticBatch:
+    """Fixed device tensors a graph reads its inputs from: a step's batch is copied into them."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.tensors = {key: value.clone() for key, value in batch.items()}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensors["input_ids"].shape)
+
+    def load(self, batch: dict[str, torch.Tensor]) -> None:
+        if set(batch) != set(self.tensors):
+            raise ValueError(f"batch keys {sorted(batch)} differ from the captured {sorted(self.tensors)}")
+        for key, value in batch.items():
+            self.tensors[key].copy_(value, non_blocking=True)
+
+
+class GradientBuffers:
+    """One fixed gradient tensor per trainable parameter, which captured backwards write into."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.buffers = [torch.zeros_like(p) for p in self.parameters]
+
+    def attach(self) -> None:
+        """`.grad` of each parameter is its buffer again (after a zero_grad(set_to_none=True))."""
+        for parameter, buffer in zip(self.parameters, self.buffers):
+            parameter.grad = buffer
+
+    def zero(self) -> None:
+        torch._foreach_zero_(self.buffers)
+
+
+class GraphedSteps:
+    """Forward + backward captured once per batch shape, replayed for every step of that shape."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.model = trainer.model
+        self.device = trainer.args.device
+        self.dtype = torch.bfloat16 if trainer.args.bf16 else None
+        self.grads = GradientBuffers(self.model.parameters())
+        self.items = torch.ones((), device=self.device)  # the step's example count, read by every graph
+        self.pool = None
+        self.graphs: dict[tuple[int, ...], tuple[StaticBatch, object, torch.Tensor | None]] = {}
+
+    def forward_backward(self, static: StaticBatch) -> torch.Tensor:
+        """The step as captured: zero the gradient buffers, loss over the step's examples, backward."""
+        self.grads.zero()
+        # autocast's weight-cast cache must be off inside a graph (PyTorch's CUDA-graph notes)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
+            loss = self.trainer.compute_loss(self.model, dict(static.tensors), num_items_in_batch=self.items)
+        loss.backward()
+        return loss.detach()
+
+    def capture(self, batch: dict[str, torch.Tensor]) -> None:
+        static = StaticBatch({k: v.to(self.device) for k, v in batch.items()})
+        self.model.train()
+        self.grads.attach()
+        self.graphs[static.shape] = (static, *self.record(static))
+        self.grads.zero()
+
+    def record(self, static: StaticBatch) -> tuple[object, torch.Tensor]:
+        """(the captured graph, its loss tensor): warm-up on a side stream, then one captured step."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.forward_backward(static)
+        torch.cuda.current_stream().wait_stream(side)
+        # one pool for all graphs: one replays at a time, and what outlives a replay (the loss, the
+        # gradients) is copied at once or lives outside the pool
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.forward_backward(static)
+        torch.cuda.synchronize()
+        return graph, loss
+
+    def replay(self, static: StaticBatch, graph, loss: torch.Tensor) -> torch.Tensor:
+        graph.replay()
+        return loss
+
+    def __call__(self, inputs: dict[str, torch.Tensor], num_items_in_batch) -> torch.Tensor | None:
+        """The step's loss (its gradients in `.grad`), or None for a shape without a graph."""
+        captured = self.graphs.get(tuple(inputs["input_ids"].shape))
+        if captured is None or num_items_in_batch is None or set(inputs) != set(captured[0].tensors):
+            return None
+        static, graph, loss = captured
+        static.load(inputs)
+        if torch.is_tensor(num_items_in_batch):
+            self.items.copy_(num_items_in_batch, non_blocking=True)
+        else:
+            self.items.fill_(num_items_in_batch)
+        self.grads.attach()
+        return self.replay(static, graph, loss).clone()
+
+
+def use_graphs(trainer, train_batches: list[dict], kind: type[GraphedSteps] = GraphedSteps) -> GraphedSteps | None:
+    """Capture a graph per training shape and hand them to the trainer; None (one line said why) if
+    this run cannot use them. (`kind`: a stand-in that runs the steps eagerly, for tests without CUDA.)"""
+    if trainer.args.fp16:
+        logger.warning("training.cuda_graphs: fp16's loss scaler checks every step on the host; training without "
+                       "CUDA graphs (bf16 or fp32 run with them)")
+        return None
+    started = time.perf_counter()
+    steps = kind(trainer)
+
+    def capture_every_shape():
+        for batch in train_batches:
+            steps.capture(batch)
+
+    failure = fastpath.attempt(trainer, capture_every_shape)
+    if failure is not None:
+        logger.warning("training.cuda_graphs: capturing the training step failed (%s); training without CUDA graphs "
+                       "instead (same results, slower)", failure)
+        return None
+    trainer.use_graphed_steps(steps)
+    logger.info("training.cuda_graphs: %d step graphs captured in %.0f s", len(steps.graphs), time.perf_counter() - started)
+    return steps
