@@ -19,7 +19,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
+from . import arguments, card, data, distributed, fastpath, hub, methods, metrics, models, quantization, report, rundir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
 from .config import RunConfig, check_same_settings, save_config
 from .errors import RunInterrupted, UserError
@@ -170,7 +170,8 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop])
     if distributed.is_main_process():
         save_config(config, config.output_dir)
-        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint)
+        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint,
+                            quantization.describe(config.model.quantization) if config.model.quantization else None)
         per_device = args.per_device_train_batch_size
         logger.info("effective batch %d = %d per device x %d accumulation x %d process(es)%s",
                     per_device * args.gradient_accumulation_steps * args.world_size, per_device,
@@ -206,6 +207,8 @@ def _load_model(config: RunConfig, args: TrainingArguments):
         model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id, dtype=dtype)
     model = models.make_trainable(model, config)
     if distributed.is_main_process():
+        if config.model.quantization:
+            logger.info("base model: %s; LoRA and the head train in fp32", quantization.describe(config.model.quantization))
         logger.info("%s", models.describe_parameters(model))
     if not cuda_available() and config.training.get("fast_cpu_dropout", True):
         use_fast_cpu_dropout(model)
