@@ -18,6 +18,10 @@ from typing import Any
 from .errors import UserError, did_you_mean, one_line
 
 logger = logging.getLogger("gluetune")
+# Without the optional `kernels` package bitsandbytes warns, when imported (peft imports it) on an
+# AVX512-BF16 CPU, that its packed-weight inference kernel is missing; gluetune never packs
+# (keep_weights_unpacked), so the warning would only mislead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Since 0.50 bitsandbytes runs its 4-bit layers (forward and backward) and its 8-bit optimizers on a
 # plain x86 CPU too (backends/cpu/ops.py registers optimizer_update_8bit_blockwise for "cpu").
