@@ -96,6 +96,18 @@ def test_without_the_workaround_bitsandbytes_breaks_training_after_an_evaluation
         train(config)
 
 
+def test_an_8bit_base_trains_and_its_folder_predicts(tiny_qwen, tmp_path):
+    from gluetune.prediction import Classifier
+    from gluetune.training import train
+
+    outcome = train(qlora_config(tiny_qwen, tmp_path / "run", "model.quantization=8bit", epochs=1))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in outcome.model.modules())
+    assert math.isfinite(outcome.metrics["train"]["loss"])
+    classifier = Classifier.from_folder(tmp_path / "run")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in classifier.model.modules())
+    assert len(classifier.predict(SENTENCES)) == len(SENTENCES)
+
+
 # ---------------------------------------------------------------- the folder of a finished 4-bit run
 
 
