@@ -88,7 +88,8 @@ def main() -> None:
     import bitsandbytes
     import torch
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), "
           f"bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}")
     subset = f"{args.train_samples} training examples" if args.train_samples else "all 8,551 training examples"
@@ -103,7 +104,8 @@ def main() -> None:
               f"best_epoch={r['best_epoch']}", flush=True)
     if len(reports) == 2:
         full, quant = reports["full"], reports["4bit"]
-        print(f"RESULT mcc_full={full['mcc']:.4f} mcc_4bit={quant['mcc']:.4f} mcc_gap={quant['mcc'] - full['mcc']:+.4f} "
+        gap = quant["mcc"] - full["mcc"]
+        print(f"RESULT mcc_full={full['mcc']:.4f} mcc_4bit={quant['mcc']:.4f} mcc_gap={gap:+.4f} "
               f"peak_rss_full_gb={full['peak_rss_gb']:.2f} peak_rss_4bit_gb={quant['peak_rss_gb']:.2f}")
 
 

@@ -247,7 +247,8 @@ def test_a_killed_4bit_run_resumes_where_it_would_have_ended(tiny_qwen, tmp_path
     (["model.quantization=4bits"], ["model.quantization: '4bits'", "did you mean '4bit'", "4bit or 8bit"]),
     (["model.quantization={load_in_4bit: true, bnb_4bit_quant_typ: nf4}"],
      ["model.quantization.bnb_4bit_quant_typ", "did you mean 'bnb_4bit_quant_type'"]),
-    (["model.quantization={load_in_4bit: true, bnb_4bit_quant_type: nf3}"], ["bnb_4bit_quant_type: 'nf3'", "nf4 or fp4"]),
+    (["model.quantization={load_in_4bit: true, bnb_4bit_quant_type: nf3}"],
+     ["bnb_4bit_quant_type: 'nf3'", "nf4 or fp4"]),
     (["model.quantization={load_in_4bit: true, bnb_4bit_compute_dtype: float8}"], ["'float8'", "bfloat16"]),
     (["model.quantization={load_in_4bit: true, load_in_8bit: true}"], ["exactly one of load_in_4bit"]),
     (["model.quantization={bnb_4bit_quant_type: nf4}"], ["exactly one of load_in_4bit"]),
@@ -297,12 +298,12 @@ def test_without_bitsandbytes_a_quantized_base_is_one_line_and_8bit_optimizers_f
 
 def test_8bit_optimizers_say_what_runs_where():
     version = bnb.__version__
-    assert quantization.optimizer_settings("adamw_8bit", "cpu") == (
-        {}, f"optim: adamw_8bit: bitsandbytes {version} 8-bit adamw on cpu (tensors under 4,096 elements keep 32-bit state)")
+    assert quantization.optimizer_settings("adamw_8bit", "cpu") == ({}, (
+        f"optim: adamw_8bit: bitsandbytes {version} 8-bit adamw on cpu (tensors under 4,096 elements keep 32-bit state)"))
     settings, notice = quantization.optimizer_settings("paged_adamw_8bit", "cpu")
     assert settings == {} and "not paged (paging needs CUDA" in notice
     settings, notice = quantization.optimizer_settings("paged_adamw_8bit", "cuda")
     assert settings == {} and f"bitsandbytes {version} paged 8-bit adamw" in notice
-    assert quantization.is_bitsandbytes_optimizer("lion_8bit") and quantization.is_bitsandbytes_optimizer("adamw_bnb_8bit")
+    assert all(quantization.is_bitsandbytes_optimizer(name) for name in ("lion_8bit", "adamw_bnb_8bit", "adamw_8bit"))
     assert not quantization.is_bitsandbytes_optimizer("galore_adamw_8bit")
     assert not quantization.is_bitsandbytes_optimizer("adamw_torch")

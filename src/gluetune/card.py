@@ -138,7 +138,8 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
         trust = ", trust_remote_code=True" if needs_code else ""
         lines += ["", f"A standalone export of the run `{facts.folder.name}`: "
                   + ("the LoRA adapter merged into the base weights, " if facts.is_lora else "")
-                  + ("the full-precision ones (it trained over a quantized base), " if config.model.quantization else "")
+                  + ("the full-precision ones (it trained over a quantized base), "
+                     if config.model.quantization else "")
                   + f"weights in {_saved_dtype(folder)}.",
                   "", "```python", "from transformers import pipeline", "",
                   f'classify = pipeline("text-classification", model="path/to/this/folder"{trust})',

@@ -103,7 +103,8 @@ def _load_trained(run: Path, config: RunConfig):
 
     if config.model.quantization:
         logger.warning("%s trained its adapter over a %s; the export merges it into the full-precision base, whose "
-                       "predictions differ slightly from the quantized model's", run, quantization.describe(config.model.quantization))
+                       "predictions differ slightly from the quantized model's",
+                       run, quantization.describe(config.model.quantization))
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, quantization=None))
     tokenizer = models.load_tokenizer(config.model, path=str(run))
 

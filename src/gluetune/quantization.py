@@ -75,7 +75,8 @@ def check(spec: Any, method: str, source: str) -> None:
             raise UserError(f"{where}.bnb_4bit_quant_type: {spec['bnb_4bit_quant_type']!r} is not valid; "
                             f"expected {' or '.join(_QUANT_TYPES)}")
         if bool(spec.get("load_in_4bit")) == bool(spec.get("load_in_8bit")):
-            raise UserError(f"{where}: set exactly one of load_in_4bit: true or load_in_8bit: true (or write 4bit or 8bit)")
+            raise UserError(f"{where}: set exactly one of load_in_4bit: true or load_in_8bit: true "
+                            "(or write 4bit or 8bit)")
         try:
             bnb_config(spec)
         except (TypeError, ValueError) as err:
@@ -218,7 +219,8 @@ def optimizer_settings(optim: str, device: str) -> tuple[dict[str, Any], str]:
     (cuda, cpu, mps): what the run actually uses."""
     found = installed_version()
     if found is None:
-        return {"optim": "adamw_torch"}, f"optim: {optim} needs bitsandbytes, which is not installed ({INSTALL}); using adamw_torch"
+        why = f"needs bitsandbytes, which is not installed ({INSTALL})"
+        return {"optim": "adamw_torch"}, f"optim: {optim} {why}; using adamw_torch"
     if device not in ("cuda", "cpu") or (device == "cpu" and not _recent_enough(found)):
         why = f"bitsandbytes {found} has no optimizers on {device} (the CPU needs >= {MIN_VERSION}: {INSTALL})"
         return {"optim": "adamw_torch"}, f"optim: {optim}: {why}; using adamw_torch"
