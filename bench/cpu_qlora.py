@@ -7,7 +7,7 @@ Each run goes in its own process (so its peak RSS is its own) and differs from t
 paged on a CPU). Prints the machine, then per run: training time, peak RSS, validation MCC and
 accuracy (all 1,043 CoLA validation sentences, best epoch), and the MCC difference.
 
-    python bench/cpu_qlora.py --train_samples 4000 --epochs 1      # what docs/qlora.md reports
+    python bench/cpu_qlora.py --train_samples 2000 --epochs 1      # what docs/qlora.md reports
 
 The last line is `RESULT mcc_full=.. mcc_4bit=.. mcc_gap=.. peak_rss_full_gb=.. peak_rss_4bit_gb=..`.
 """
@@ -66,7 +66,7 @@ def run_in_child(name: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue_dir", type=Path, default=ROOT / ".." / "shared" / "data" / "glue")
-    parser.add_argument("--train_samples", type=int, default=4000, help="training examples (0: all 8,551)")
+    parser.add_argument("--train_samples", type=int, default=2000, help="training examples (0: all 8,551)")
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", choices=list(RUNS), help="one run (to time it)")
