@@ -55,7 +55,9 @@ def run_in_child(name: str, args) -> dict:
     # Passive OpenMP waits for both runs: what `gluetune train` sets for a quantized base (see
     # quantization.wait_passively_on_cpu), here for the full-precision run too, so that the times compare.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
-    log = Path(args.log_dir or tempfile.mkdtemp()) / f"{name}.log"  # the run's progress, to follow it
+    log_dir = Path(args.log_dir or tempfile.mkdtemp())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"  # the run's progress, to follow it
     with open(log, "w") as stderr:
         result = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     if result.returncode != 0:
@@ -85,12 +87,15 @@ def main() -> None:
         print(json.dumps(report))
         return
 
-    import bitsandbytes
     import torch
+
+    from gluetune import quantization  # before bitsandbytes: quiets its warning about a kernel gluetune never uses
+
+    bnb_version = quantization.installed_version()
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), "
-          f"bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}, "
+          f"bitsandbytes {bnb_version}, python {platform.python_version()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}")
     subset = f"{args.train_samples} training examples" if args.train_samples else "all 8,551 training examples"
     print(f"config: {CONFIG.relative_to(ROOT)}, {subset}, {args.epochs:g} epoch(s), seed {args.seed}; "
