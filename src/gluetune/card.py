@@ -13,7 +13,7 @@ import json
 import shlex
 from pathlib import Path
 
-from . import rundir
+from . import quantization, rundir
 from .config import CONFIG_FILENAME, RunConfig, load_saved_config
 from .errors import UserError
 from .metrics import read_metrics
@@ -138,6 +138,8 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
         # the run's max_length, as gluetune did in training and does in `gluetune predict`.
         lines += ["", f"A standalone export of the run `{facts.folder.name}`: "
                   + ("the LoRA adapter merged into the base weights, " if facts.is_lora else "")
+                  + ("the full-precision ones (it trained over a quantized base), "
+                     if config.model.quantization else "")
                   + f"weights in {_saved_dtype(folder)}.",
                   "", "```python", "from transformers import pipeline", "",
                   f'classify = pipeline("text-classification", model="path/to/this/folder"{trust}, truncation=True)',
@@ -220,6 +222,8 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
     rows = [("base model", f"`{config.model.name_or_path}`")]
     if config.model.pooling:
         rows.append(("pooling", config.model.pooling))
+    if config.model.quantization:
+        rows.append(("base quantization (training)", quantization.describe(config.model.quantization)))
     if facts.is_lora:
         peft = config.peft
         rows += [("method", "LoRA" + (" (rsLoRA)" if peft.use_rslora else "") + (" (DoRA)" if peft.use_dora else "")),

@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from .config import load_config, read_yaml_file
+    from .config import apply_overrides, load_config, read_yaml_file
+    from .quantization import wait_passively_on_cpu
 
-    read_yaml_file(args.config)  # a missing or malformed file is reported before torch loads
+    raw = read_yaml_file(args.config)  # a missing or malformed file is reported before torch loads
+    wait_passively_on_cpu(apply_overrides(raw, args.overrides))
     quiet_libraries()
     config = load_config(args.config, args.overrides)
     config.control.resume = "auto" if args.resume else config.control.resume

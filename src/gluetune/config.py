@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import arguments, methods
+from . import arguments, methods, quantization
 from .errors import UserError, did_you_mean, one_line
 from .files import is_local_path
 from .tasks import Task, custom_task, get_task
@@ -42,6 +42,8 @@ class ModelConfig:
     # model config values to change at load, e.g. {hidden_dropout_prob: 0.0} (run_glue.py's --config_overrides)
     config_overrides: dict[str, Any] | None = None
     pooling: str | None = None  # None: the architecture's own head input; "mean": see models.use_mean_pooling
+    # a quantized, frozen base under the adapters (QLoRA): 4bit, 8bit or BitsAndBytesConfig fields (see quantization)
+    quantization: str | dict[str, Any] | None = None
 
 
 POOLINGS = (None, "mean")
@@ -246,6 +248,7 @@ def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
         model.gguf_file = _absolute(model.gguf_file)
     dataset = check_section("dataset", raw.get("dataset"), DatasetConfig, source)
     peft = methods.parse(raw.get("peft"), source)
+    quantization.check(model.quantization, peft.method, source)
     task = _resolve_task(dataset, source)
     if len(task.text_columns) not in (1, 2):
         raise UserError(f"{source}: dataset.text_column: expected one or two columns, got {list(task.text_columns)}")

@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import card, data, methods, models, rundir
+from . import card, data, methods, models, quantization, rundir
 from .config import CONFIG_FILENAME, RunConfig, load_saved_config
 from .errors import UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
 REMOTE_CODE_FILENAME = "modeling_gluetune.py"
 REMOTE_CODE_MODULE = REMOTE_CODE_FILENAME.removesuffix(".py")
+logger = logging.getLogger("gluetune")
 
 
 def export_folder(model_path: str | Path, output_dir: str | Path, dtype: str = "fp32") -> Path:
@@ -92,9 +94,18 @@ def _check_output_dir(output_dir: Path, run: Path) -> None:
 
 
 def _load_trained(run: Path, config: RunConfig):
-    """The run's final model in fp32 on the CPU (whatever device trained it), and its tokenizer."""
+    """The run's final model in fp32 on the CPU (whatever device trained it), and its tokenizer.
+    Adapters trained over a quantized base (QLoRA) go onto the full-precision base: the export
+    is a plain model, and merging into 4-bit weights would round the adapters away."""
+    import dataclasses
+
     import torch
 
+    if config.model.quantization:
+        logger.warning("%s trained its adapter over a %s; the export merges it into the full-precision base, whose "
+                       "predictions differ slightly from the quantized model's",
+                       run, quantization.describe(config.model.quantization))
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, quantization=None))
     tokenizer = models.load_tokenizer(config.model, path=str(run))
 
     def load_base(path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import methods, sources
+from . import methods, quantization, sources
 from .config import ModelConfig, RunConfig
 from .errors import UserError, did_you_mean, one_line
 from .files import is_local_path
@@ -80,11 +80,18 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
     kwargs["dtype"] = dtype or torch.float32
+    if model.quantization:
+        quantization.check_installed("model.quantization")
+        kwargs["quantization_config"] = quantization.bnb_config(model.quantization, compute_dtype=kwargs["dtype"])
+        if torch.cuda.is_available():  # bitsandbytes quantizes as the weights reach this process's GPU
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     kwargs.update(_checked_overrides(model, path))
     try:
         classifier = _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
     except ValueError as err:  # e.g. an architecture without a sequence-classification head
         raise UserError(f"model '{model.name_or_path}': {one_line(err)}") from None
+    if model.quantization:
+        quantization.keep_weights_unpacked(classifier)
     if model.pooling == "mean":
         use_mean_pooling(classifier, model.name_or_path)
     return classifier
@@ -163,6 +170,8 @@ def make_trainable(model, config: RunConfig):
     """Apply the fine-tuning method; trainable weights are kept in fp32 even on a bf16 base."""
     import torch
 
+    if getattr(model, "is_quantized", False):  # a base loaded with model.quantization (not a meta-device count)
+        model = quantization.prepare_for_training(model)
     model = methods.apply(model, config.peft)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32 and param.device.type != "meta":

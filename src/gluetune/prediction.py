@@ -76,8 +76,10 @@ class Classifier:
         def load_base(path):
             return models.load_classifier(config.model, config.task, tokenizer.pad_token_id, path=path, dtype=dtype)
 
-        model = methods.load(config.peft, load_base, folder)
-        model.to(device).eval()
+        model = methods.load(config.peft, load_base, folder)  # a quantized base loads as trained (model.quantization)
+        if not config.model.quantization:  # a quantized one is placed as it loads
+            model.to(device)
+        model.eval()
         return cls(model, tokenizer, config, batch_size=batch_size)
 
     def logits(self, texts: list[tuple[str, ...]]) -> np.ndarray:

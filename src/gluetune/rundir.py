@@ -30,7 +30,7 @@ LOCK_FILES = (LOCK_FILENAME, OWNER_FILENAME)
 METRICS_FILENAME = "metrics.json"  # written last: its presence means the run finished
 RECORD_FILENAME = "run_record.json"  # how to reproduce the run: command, seed, versions, data hashes
 RECORDED_PACKAGES = ("gluetune", "torch", "transformers", "peft", "datasets", "accelerate", "tokenizers", "numpy",
-                     "scikit-learn")
+                     "scikit-learn", "bitsandbytes")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -151,10 +151,10 @@ def describe_batch(batch: dict[str, int]) -> str:
 
 
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
-                 batch: dict[str, int]) -> None:
+                 batch: dict[str, int], quantization: str | None = None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
-    (the resolved config sits beside it), and what a step holds (per device, accumulation,
-    processes). A resumed run appends its command."""
+    (the resolved config sits beside it), what a step holds (per device, accumulation, processes)
+    and the base's quantization in words. A resumed run appends its command."""
     import platform
     import sys
     import time
@@ -180,6 +180,7 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "config": CONFIG_FILENAME,
         "python": platform.python_version(),
         "packages": versions,
+        "quantization": quantization,
         "data_files": {str(p): sha256_of(p) for p in data_files if Path(p).is_file()},
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
     })

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quantization
+
 logger = logging.getLogger("gluetune")
 
 
@@ -86,10 +88,11 @@ def accelerator_settings(training: dict[str, Any], cuda: bool) -> tuple[dict[str
         settings["torch_compile"] = False
         notices.append("torch_compile: torch.compile is unavailable here (no triton); running eagerly")
     optim = str(training.get("optim", ""))
-    if ("8bit" in optim or "paged" in optim) and (not cuda or not _has_module("bitsandbytes")):
-        settings["optim"] = "adamw_torch"
-        why = "needs CUDA" if not cuda else "needs bitsandbytes (pip install bitsandbytes)"
-        notices.append(f"optim: {optim} {why}; using adamw_torch")
+    if quantization.is_bitsandbytes_optimizer(optim):
+        device = "cuda" if cuda else "mps" if torch.backends.mps.is_available() else "cpu"
+        changes, notice = quantization.optimizer_settings(optim, device)
+        settings.update(changes)
+        notices.append(notice)
     return settings, notices
 
 

@@ -20,7 +20,21 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import arguments, card, cudagraphs, data, distributed, fastpath, hub, methods, metrics, models, report, rundir
+from . import (
+    arguments,
+    card,
+    cudagraphs,
+    data,
+    distributed,
+    fastpath,
+    hub,
+    methods,
+    metrics,
+    models,
+    quantization,
+    report,
+    rundir,
+)
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
 from .config import RunConfig, check_same_settings, save_config
 from .errors import RunInterrupted, UserError
@@ -199,7 +213,8 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     if distributed.is_main_process():
         save_config(config, config.output_dir)
         batch = batch_factors(args)
-        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint, batch)
+        rundir.write_record(config.output_dir, args.seed, data.source_files(config, list(raw)), checkpoint, batch,
+                            quantization.describe(config.model.quantization) if config.model.quantization else None)
         logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
@@ -232,6 +247,8 @@ def _load_model(config: RunConfig, args: TrainingArguments):
         model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id, dtype=dtype)
     model = models.make_trainable(model, config)
     if distributed.is_main_process():
+        if config.model.quantization:
+            logger.info("base model: %s; LoRA and the head train in fp32", quantization.describe(config.model.quantization))
         logger.info("%s", models.describe_parameters(model))
     if not cuda_available() and config.training.get("fast_cpu_dropout", True):
         use_fast_cpu_dropout(model)
