@@ -3,6 +3,8 @@
 the wall time each took, their best trials, and the best of the pruned search confirmed over seeds.
 
     python bench/cpu_search.py --glue_dir ../shared/data/glue --trials 6 --train_samples 1000 --out bench-search
+    python bench/cpu_search.py --glue_dir ../shared/data/glue --trials 6 --train_samples 1000 --epochs 3 \
+        --space bench/spaces/minilm_cpu_lr_rank.yaml --out bench-search-3ep
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def search(out: Path, pruner: str, args, confirm: bool) -> float:
     command = [sys.executable, "-m", "gluetune", "search", "--config", str(ROOT / "configs/glue_cola_minilm_cpu.yaml"),
                "--set", f"dataset.data_dir={args.glue_dir}", "--set", f"dataset.max_train_samples={args.train_samples}",
-               "--space", str(ROOT / "bench/spaces/minilm_cpu.yaml"), "--trials", str(args.trials), "--seed", "0",
+               "--space", str(args.space), "--trials", str(args.trials), "--seed", "0",
                "--startup_trials", str(args.startup_trials), "--pruner", pruner, "--search_dir", str(out / pruner)]
+    if args.epochs:
+        command += ["--set", f"training.num_train_epochs={args.epochs}"]
     if confirm:
         command += ["--confirm_seeds", args.confirm_seeds]
     print("$ " + " ".join(command), flush=True)
@@ -40,6 +44,10 @@ def main() -> None:
     parser.add_argument("--startup_trials", type=int, default=2)
     parser.add_argument("--train_samples", type=int, default=1000)
     parser.add_argument("--confirm_seeds", default="1,2,3")
+    parser.add_argument("--space", type=Path, default=ROOT / "bench/spaces/minilm_cpu.yaml")
+    # every trial this many epochs (with a space without epochs, e.g. bench/spaces/minilm_cpu_lr_rank.yaml):
+    # a pruner can then stop a trial before its last evaluation
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-search"))
     args = parser.parse_args()
     import torch
