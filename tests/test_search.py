@@ -128,8 +128,6 @@ def test_two_workers_run_every_enqueued_trial_exactly_once(tiny_qwen, keyword_ta
     assert sorted(record(search_dir, n)["params"]["training.learning_rate"] for n in range(4)) == sorted(rates)
     assert [starts(search_dir, n) for n in range(4)] == [1, 1, 1, 1]
     assert sorted(p.name for p in (search_dir / "trials").iterdir()) == [f"trial-{n}" for n in range(4)]
-    # both workers took trials
-    assert len({record(search_dir, n)["study_trial"] for n in range(4)}) == 4
     # the results: the table as printed, the best setting as a config that trains as is
     assert "| trial | state | matthews_correlation |" in result.stdout
     best = search_dir / "best_config.yaml"

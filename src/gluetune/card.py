@@ -132,7 +132,8 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
              (f"`{config.model.name_or_path}` fine-tuned with {method} by gluetune for {facts.dataset_title} "
              f"sentence{' pair' if len(config.task.text_columns) == 2 else ''} classification.")]
     if is_export:
-        code_file = _remote_code_file(folder)
+        saved = _saved_model_config(folder)
+        code_file = _remote_code_file(saved)
         trust = ", trust_remote_code=True" if code_file else ""
         # truncation=True: the pipeline does not truncate by default; the export's tokenizer cuts at
         # the run's max_length, as gluetune did in training and does in `gluetune predict`.
@@ -140,7 +141,7 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
                   + ("the LoRA adapter merged into the base weights, " if facts.is_lora else "")
                   + ("the full-precision ones (it trained over a quantized base), "
                      if config.model.quantization else "")
-                  + f"weights in {_saved_dtype(folder)}.",
+                  + f"weights in {_saved_dtype(saved)}.",
                   "", "```python", "from transformers import pipeline", "",
                   f'classify = pipeline("text-classification", model="path/to/this/folder"{trust}, truncation=True)',
                   f"classify({_example_input(config)})", "```"]
@@ -159,14 +160,13 @@ def _saved_model_config(folder: Path) -> dict:
     return json.loads(config_path.read_text()) if config_path.is_file() else {}
 
 
-def _saved_dtype(folder: Path) -> str:
-    saved = _saved_model_config(folder)
+def _saved_dtype(saved: dict) -> str:
     return str(saved.get("dtype") or saved.get("torch_dtype") or "float32")
 
 
-def _remote_code_file(folder: Path) -> str | None:
-    """The custom code file the folder's config.json points the Auto classes at (`auto_map`), if any."""
-    auto_map = _saved_model_config(folder).get("auto_map") or {}
+def _remote_code_file(saved: dict) -> str | None:
+    """The custom code file a saved config.json points the Auto classes at (`auto_map`), if any."""
+    auto_map = saved.get("auto_map") or {}
     return next((target.split(".")[0] + ".py" for target in auto_map.values() if isinstance(target, str)), None)
 
 

@@ -7,6 +7,7 @@ without them (the config file exists and parses), so a typo is reported at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -271,8 +272,7 @@ def run_search(args) -> int:
     if not rows:
         raise UserError(f"the search in {spec.folder} has no trials yet")
     print(search_results.trials_markdown(rows), end="")
-    found = search_results.importances(search_results.read_trials(spec.folder), spec.parsed_space(),
-                                       spec.direction == "maximize")
+    found = json.loads((spec.folder / search_results.IMPORTANCES_FILENAME).read_text())  # summarize wrote it
     if found:
         print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
     best = spec.folder / search_results.BEST_CONFIG_FILENAME

@@ -126,7 +126,7 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     # recompile_limit (8) the layers run eager for good, which long texts (RTE: every bucket up to
     # max_length) reach within an epoch. Room for every shape the run can make: each bucket in
     # training, in full evaluation batches, and in each validation split's last batch.
-    shapes = -(-config.dataset.max_length // BUCKET) * (2 + len(config.task.validation_splits))
+    shapes = padded(config.dataset.max_length) // BUCKET * (2 + len(config.task.validation_splits))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     for layer in layers:
         layer.compile(dynamic=False)
@@ -184,8 +184,7 @@ def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dic
     examples = {}  # width -> indices of examples that make a batch that wide
     for index, length in enumerate(lengths):
         examples.setdefault(padded(length), []).append(index)
-    train_batches = [trainer.train_collator(features_of(train_set, examples[width][:rows]))
-                     for _, width in training_shapes(lengths, rows)]
+    train_batches = [trainer.train_collator(features_of(train_set, examples[width][:rows])) for width in sorted(examples)]
     eval_batches = [trainer.data_collator(features_of(ds, indices)) for ds in eval_sets
                     for indices in evaluation_batches(ds["length"], trainer.args.per_device_eval_batch_size)]
     return train_batches, eval_batches

@@ -166,18 +166,18 @@ def check_installed(what: str) -> None:
                         f"found {found}: {INSTALL}")
 
 
-def prepare_for_training(model, gradient_checkpointing: bool = False):
+def prepare_for_training(model):
     """A quantized base made ready for adapters: peft's `prepare_model_for_kbit_training` (every
     weight frozen, the unquantized ones, head included, in fp32). The Trainer turns on gradient
     checkpointing itself when the config asks (non-reentrant: no input-gradient hook needed)."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def keep_weights_unpacked(model) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many layers it concerns.
+def keep_weights_unpacked(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
     Why: on a CPU with AVX512-BF16, `bnb.nn.Linear4bit.forward` (bitsandbytes 0.50) converts its
     weight in place into a packed inference layout the first time it runs in eval mode without
@@ -193,12 +193,9 @@ def keep_weights_unpacked(model) -> int:
     CPU's flags in `__init__`); clearing it keeps the ordinary dequantize-and-matmul path in
     training, evaluation and prediction alike.
     """
-    count = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 # ---------------------------------------------------------------- 8-bit optimizers

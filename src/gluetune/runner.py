@@ -112,6 +112,11 @@ class RunProcess:
         return f"step {found[-1]}" if found else ""
 
 
+def raise_interrupt(signum, frame):
+    """A SIGTERM handler: stop the way Ctrl-C does, so a sweep or search stops its runs first."""
+    raise KeyboardInterrupt
+
+
 def _log_tail(folder: Path, size: int = 4096) -> str:
     try:
         with open(Path(folder) / LOG_FILENAME, "rb") as f:

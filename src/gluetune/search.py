@@ -28,7 +28,7 @@ from pathlib import Path
 from . import search_results
 from .errors import UserError
 from .files import atomic_write_json
-from .runner import RunProcess, final_score, is_last_evaluation, shared_cores_env, start_tied
+from .runner import RunProcess, final_score, is_last_evaluation, raise_interrupt, shared_cores_env, start_tied
 from .search_space import Space, as_overrides
 
 logger = logging.getLogger("gluetune")
@@ -39,7 +39,6 @@ LOCK_FILENAME = ".search.lock"
 WORKER_LOCK_PATTERN = ".worker-*.lock"  # held by each worker while it lives
 BUDGET_LOCK_FILENAME = ".budget.lock"
 TRIALS_DIR = "trials"
-PRUNERS = ("median", "halving", "none")
 HEARTBEAT_S = 30  # database storages: a worker silent for 4 heartbeats is dead, its trial failed and retried
 INSTALL_OPTUNA = "pip install 'gluetune[search]' (or pip install optuna)"
 # What decides a trial's result; the rest (budget, jobs, pruner) may change between re-runs.
@@ -251,7 +250,7 @@ def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index]  # each worker, and so each of its trials, sees one GPU
         workers.append(start_tied([sys.executable, "-m", "gluetune.search_worker", spec.search_dir, str(index)], env=env))
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         codes = [w.wait() for w in workers]
     except KeyboardInterrupt:
@@ -265,10 +264,6 @@ def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
         signal.signal(signal.SIGTERM, previous)
     if any(codes):
         raise UserError(f"a search worker failed (exit codes {codes}); run the same command to continue the study")
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- results
@@ -312,7 +307,7 @@ class _Heartbeat:
         self._thread = None
         if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
             def beat():
-                while not self._stop.wait(0 if not self._thread else HEARTBEAT_S):
+                while not self._stop.wait(HEARTBEAT_S):
                     storage.record_heartbeat(trial_id)
 
             self._thread = threading.Thread(target=beat, daemon=True)

@@ -85,7 +85,7 @@ def check_resources(resources: dict, cpus: float, gpus: float, address: str | No
 
 def max_evaluations(spec: SearchSpec) -> int:
     """The most evaluations (epochs) a trial can have: ASHA's last rung."""
-    epochs = [p.values[-1] for p in spec.parsed_space().parameters if p.key == "training.num_train_epochs"]
+    epochs = [max(p.values) for p in spec.parsed_space().parameters if p.key == "training.num_train_epochs"]
     if not epochs:
         epochs = [load_config(spec.config, spec.overrides).training.get("num_train_epochs", 3)]
     return max(1, int(-(-float(epochs[0]) // 1)))

@@ -166,9 +166,10 @@ def best_trials(search_dir: Path, maximize: bool, count: int) -> list[TrialRecor
 
 def confirmation(trial: TrialRecord, row: dict) -> dict:
     """A confirmed trial against its own score: the sweep row of its seeds."""
-    scores = list(seed_scores(row).values())
+    by_seed = seed_scores(row)
+    scores = list(by_seed.values())
     median = statistics.median(scores)
-    return {"trial": trial.number, "setting": trial.setting, "searched": trial.value, "seeds": list(seed_scores(row)),
+    return {"trial": trial.number, "setting": trial.setting, "searched": trial.value, "seeds": list(by_seed),
             "scores": scores, "median": median, "difference": median - trial.value}
 
 

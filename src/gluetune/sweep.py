@@ -26,7 +26,7 @@ from .config import check_same_settings, load_config, parse_yaml
 from .errors import UserError
 from .metrics import primary_values, read_metrics
 from .report import write_report
-from .runner import RunProcess, shared_cores_env
+from .runner import RunProcess, raise_interrupt, shared_cores_env
 from .summary import SUMMARY_CSV, SUMMARY_MD, describe_run, markdown_table, summarize, write_summary
 
 __all__ = ["SUMMARY_CSV", "SUMMARY_MD", "markdown_table", "parse_grid", "parse_seeds", "run_sweep", "summarize",
@@ -129,10 +129,6 @@ def run_sweep(config_path: str, base_overrides: list[str], settings: list[Settin
     return rows
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs: int) -> list[Run]:
     """Run the unfinished runs, `jobs` at a time, with a progress line each; returns the failed ones.
 
@@ -169,7 +165,7 @@ def _execute(runs: list[Run], config_path: str, base_overrides: list[str], jobs:
                 overall.set_postfix_str(", ".join(f"seed {r.seed} {p.last_step()}" for _, r, p in running))
             time.sleep(0.5)
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         for index, run in enumerate(runs, start=1):
             if rundir.is_finished(run.folder):

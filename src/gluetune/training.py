@@ -309,7 +309,7 @@ def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: 
 
 def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkpoint: Path | None, started: float) -> dict:
     """What metrics.json holds."""
-    task = config.task
+    task, batch = config.task, batch_factors(args)
     validation = {split: {k.removeprefix("final_"): v for k, v in p.metrics.items()
                           if k.removeprefix("final_") not in metrics.TIMING_KEYS}
                   for split, p in predictions.items()}
@@ -331,9 +331,9 @@ def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkp
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "loss": metrics.train_loss_of(trainer.state.log_history),
-            "effective_batch_size": math.prod(batch_factors(args).values()),
+            "effective_batch_size": math.prod(batch.values()),
             "processes": args.world_size,
-            "gpus_per_process": batch_factors(args)["gpus_per_process"],
+            "gpus_per_process": batch["gpus_per_process"],
             "resumed_from": checkpoint.name if checkpoint else None,
         },
         "wall_s": round(time.time() - started, 2),
