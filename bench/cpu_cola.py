@@ -57,8 +57,8 @@ def read_cola(path: Path):
 def cpu_default(epochs: float | None):
     """The CPU default's settings, read through gluetune's own config loader."""
     sys.path.insert(0, str(ROOT / "src"))
-    from gluetune.config import load_config
-    from gluetune.sources import resolve
+    from gluetune.config.run import load_config
+    from gluetune.model.sources import resolve
 
     config = load_config(CONFIG)
     if epochs is not None:
@@ -137,18 +137,18 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
 
 
 def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
-    from gluetune.config import load_config
-    from gluetune.data import read_glue_split
-    from gluetune.models import load_tokenizer
-    from gluetune.tasks import get_task
-    from gluetune.training import train
+    from gluetune.config.run import load_config
+    from gluetune.config.tasks import get_task
+    from gluetune.data.loading import read_glue_split
+    from gluetune.model.classifier import load_tokenizer
+    from gluetune.training.run import train
 
     overrides = [f"dataset.data_dir={glue_dir}", f"training.output_dir={out}"]
     if epochs is not None:
         overrides.append(f"training.num_train_epochs={epochs}")
     config = load_config(CONFIG, overrides)
     if config.training.get("cpu_heap_limit", True):  # what `gluetune train` does on a CPU (cli.run_train)
-        from gluetune.speedups import limit_cpu_heap_growth
+        from gluetune.training.speed.cpu import limit_cpu_heap_growth
 
         limit_cpu_heap_growth()
     metrics = train(config).metrics

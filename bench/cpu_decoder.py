@@ -45,7 +45,8 @@ def last_token_features(config, sentences: list[str], batch_size: int = 64):
     import torch
     from transformers import AutoModel
 
-    from gluetune import models, sources
+    from gluetune.model import classifier as models
+    from gluetune.model import sources
 
     tokenizer = models.load_tokenizer(config.model)
     model = AutoModel.from_pretrained(sources.resolve(config.model), dtype=torch.float32).eval()
@@ -69,7 +70,7 @@ def frozen_probe(config, glue_dir: Path) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from gluetune.data import read_glue_split
+    from gluetune.data.loading import read_glue_split
 
     started = time.time()
     train = read_glue_split(glue_dir, config.task, "train")
@@ -114,7 +115,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from gluetune.config import load_config
+    from gluetune.config.run import load_config
 
     glue_dir = Path(args.glue_dir).resolve()
     config = load_config(CONFIG, [f"dataset.data_dir={glue_dir}"])

@@ -32,9 +32,9 @@ RUNS = {"full": [], "4bit": ["model.quantization=4bit", "training.optim=paged_ad
 
 
 def one_run(name: str, glue_dir: Path, train_samples: int | None, epochs: float, seed: int, out: Path) -> dict:
-    from gluetune.config import load_config
-    from gluetune.speedups import limit_cpu_heap_growth
-    from gluetune.training import train
+    from gluetune.config.run import load_config
+    from gluetune.training.run import train
+    from gluetune.training.speed.cpu import limit_cpu_heap_growth
 
     overrides = [f"dataset.data_dir={glue_dir}", f"training.output_dir={out}", f"training.num_train_epochs={epochs}",
                  f"training.seed={seed}", "training.report_to=none", *RUNS[name]]
@@ -53,7 +53,7 @@ def run_in_child(name: str, args) -> dict:
            "--seed", str(args.seed), "--train_samples", str(args.train_samples or 0)]
     pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     # Passive OpenMP waits for both runs: what `gluetune train` sets for a quantized base (see
-    # quantization.wait_passively_on_cpu), here for the full-precision run too, so that the times compare.
+    # model.quantization.wait_passively_on_cpu), here for the full-precision run too, so that the times compare.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
     log_dir = Path(args.log_dir or tempfile.mkdtemp())
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -89,9 +89,10 @@ def main() -> None:
 
     import torch
 
-    from gluetune import quantization  # before bitsandbytes: quiets its warning about a kernel gluetune never uses
+    from gluetune.files import installed_version
+    from gluetune.model import quantization  # noqa: F401 (before bitsandbytes: quiets its warning about a kernel gluetune never uses)
 
-    bnb_version = quantization.installed_version()
+    bnb_version = installed_version("bitsandbytes")
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), "

@@ -83,8 +83,8 @@ def cola_real_tokens(glue_dir: Path, tokenizer_path: Path, epochs: float, smoke:
     sys.path.insert(0, str(ROOT / "src"))
     from transformers import AutoTokenizer
 
-    from gluetune.data import read_glue_split
-    from gluetune.tasks import get_task
+    from gluetune.config.tasks import get_task
+    from gluetune.data.loading import read_glue_split
 
     sentences = list(read_glue_split(glue_dir, get_task("cola"), "train")["sentence"])[: SMOKE_EXAMPLES if smoke else None]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -128,8 +128,8 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_ov
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
-    from gluetune.config import load_config
-    from gluetune.training import train
+    from gluetune.config.run import load_config
+    from gluetune.training.run import train
 
     overrides = [f"model.name_or_path={model}", f"dataset.data_dir={glue_dir}", f"training.output_dir={out}",
                  f"training.num_train_epochs={epochs}", *extra_overrides]
@@ -163,8 +163,8 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
     )
 
     sys.path.insert(0, str(ROOT / "src"))
-    from gluetune.data import read_glue_split
-    from gluetune.tasks import get_task
+    from gluetune.config.tasks import get_task
+    from gluetune.data.loading import read_glue_split
 
     started = time.perf_counter()
     set_seed(42)

@@ -112,8 +112,8 @@ def with_clock(clock: StepClock) -> None:
 
 
 def run_gluetune(model: Path, glue_dir: Path, out: Path, examples: int, epochs: int, fast: bool) -> None:
-    from gluetune.config import load_config
-    from gluetune.training import train
+    from gluetune.config.run import load_config
+    from gluetune.training.run import train
 
     overrides = [f"model.name_or_path={model}", f"dataset.data_dir={glue_dir}", f"training.output_dir={out}",
                  f"dataset.max_train_samples={examples}", "dataset.max_eval_samples=64",
@@ -130,8 +130,8 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, examples: int, epochs: 
     from peft import LoraConfig, TaskType, get_peft_model
 
     sys.path.insert(0, str(ROOT / "src"))
-    from gluetune.data import read_glue_split
-    from gluetune.tasks import get_task
+    from gluetune.config.tasks import get_task
+    from gluetune.data.loading import read_glue_split
 
     hf.set_seed(42)
     tokenizer = hf.AutoTokenizer.from_pretrained(model)

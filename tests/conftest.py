@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,8 +82,8 @@ def tiny_qwen(tmp_path_factory) -> Path:
 def finished_tiny_run(tiny_qwen, tmp_path_factory) -> Path:
     """One finished reference-config run on the tiny Qwen2 (32 examples, one step), trained once per
     session; tests that only need some finished run copy it (copy_run) instead of training."""
-    from gluetune.config import load_config
-    from gluetune.training import train
+    from gluetune.config.run import load_config
+    from gluetune.training.run import train
 
     out = tmp_path_factory.mktemp("finished") / "run"
     train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16)))
@@ -108,13 +109,16 @@ def tiny_training_pieces(config):
     a run builds them: for tests that drive a GluetuneTrainer step by step."""
     import torch
 
-    from gluetune import data, models, training
+    from gluetune.data.loading import load_splits
+    from gluetune.data.tokenizing import tokenize
+    from gluetune.model import classifier as models
+    from gluetune.training.machine import training_arguments
 
-    args = training.training_arguments(config, quiet=True)
+    args = training_arguments(config, quiet=True)
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(config.model)
     model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
-    train_set = data.tokenize(data.load_splits(config, ["train"])["train"], tokenizer, config.task, 128, "train")
+    train_set = tokenize(load_splits(config, ["train"])["train"], tokenizer, config.task, 128, "train")
     return args, tokenizer, model, train_set
 
 
@@ -152,3 +156,41 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+# ---------------------------------------------------------------- comparing runs
+
+# A run with a short last step, uneven as 16 x 2 (83 = 2 x 32 + 19), for comparing two ways of training.
+UNEVEN_SIZE = {"train": 83, "evals": 48, "epochs": 2}
+
+
+def validation(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())["validation"]
+
+
+def kill_at(process: subprocess.Popen, line_start: str) -> None:
+    """SIGKILL the run as soon as it logs `line_start` (it logs every step)."""
+    for line in process.stderr:
+        if line.startswith(line_start):
+            process.kill()
+            break
+    process.wait()
+
+
+def assert_same_metrics(resumed: dict, reference: dict) -> None:
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def assert_same_training(a, b, rel: float) -> None:
+    import torch
+
+    (out_a, metrics_a), (out_b, metrics_b) = a, b
+    losses = [[e["loss"] for e in m["history"]] for m in (metrics_a, metrics_b)]
+    assert losses[0] == pytest.approx(losses[1], rel=rel)
+    assert metrics_a["train"]["loss"] == pytest.approx(metrics_b["train"]["loss"], rel=rel)
+    assert metrics_a["train"]["steps"] == metrics_b["train"]["steps"]
+    logits = [[json.loads(line)["logits"] for line in (o / "validation_predictions.jsonl").read_text().splitlines()]
+              for o in (out_a, out_b)]
+    torch.testing.assert_close(torch.tensor(logits[1]), torch.tensor(logits[0]), rtol=rel, atol=rel)

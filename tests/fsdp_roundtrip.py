@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from gluetune import models
-from gluetune.config import load_config
+from gluetune.config.run import load_config
+from gluetune.model import classifier as models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 from conftest import GLUE_DIR, REFERENCE_CONFIG, ROOT, as_set_args, run_cli, tiny_overrides
 
-from gluetune import models
-from gluetune.config import load_config
+from gluetune.config.run import load_config
 from gluetune.errors import UserError
+from gluetune.model import classifier as models
 
 
 def test_a_missing_config_is_reported_before_torch_loads():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import CPU_CONFIG, GLUE_DIR, as_set_args, run_cli
 
-from gluetune.config import load_config
-from gluetune.data import read_glue_split
-from gluetune.prediction import Classifier
-from gluetune.tasks import get_task
-from gluetune.training import train
+from gluetune.config.run import load_config
+from gluetune.config.tasks import get_task
+from gluetune.data.loading import read_glue_split
+from gluetune.results.prediction import Classifier
+from gluetune.training.run import train
 
 
 def test_short_real_minilm_run(tmp_path):

@@ -17,15 +17,15 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "load_config": "config",
-    "RunConfig": "config",
-    "train": "training",
-    "TrainOutcome": "training",
-    "Classifier": "prediction",
-    "Prediction": "prediction",
-    "export_folder": "export",
-    "evaluate_folder": "evaluation",
-    "write_report": "report",
+    "load_config": "config.run",
+    "RunConfig": "config.run",
+    "train": "training.run",
+    "TrainOutcome": "training.run",
+    "Classifier": "results.prediction",
+    "Prediction": "results.prediction",
+    "export_folder": "results.export",
+    "evaluate_folder": "results.evaluation",
+    "write_report": "search.report",
     "UserError": "errors",
 }
 __all__ = [*_API, "__version__"]  # noqa: PLE0604 (the keys of _API are names)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import warnings
 
-from . import distributed
+from .console import quiet_libraries, setup_logging
 from .errors import UserError
+from .training import distributed
 
 logger = logging.getLogger("gluetune")
 
@@ -131,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args) -> int:
     from .config import apply_overrides, load_config, read_yaml_file
-    from .quantization import wait_passively_on_cpu
+    from .model.quantization import wait_passively_on_cpu
 
     raw = read_yaml_file(args.config)  # a missing or malformed file is reported before torch loads
     wait_passively_on_cpu(apply_overrides(raw, args.overrides))
@@ -142,8 +141,8 @@ def run_train(args) -> int:
 
     import torch
 
-    from .speedups import limit_cpu_heap_growth
-    from .training import train
+    from .training.run import train
+    from .training.speed.cpu import limit_cpu_heap_growth
 
     if not torch.cuda.is_available() and config.training.get("cpu_heap_limit", True):
         limit_cpu_heap_growth()  # process-wide: applied by the command, never by the library
@@ -157,8 +156,8 @@ def run_predict(args) -> int:
     if args.config:
         read_yaml_file(args.config)
     quiet_libraries()
-    from .data import read_input_file
-    from .prediction import Classifier, saved_config, write_predictions
+    from .data.loading import read_input_file
+    from .results.prediction import Classifier, saved_config, write_predictions
 
     given = load_config(args.config, args.overrides) if args.config else None
     saved = saved_config(args.model_path, args.overrides)
@@ -189,7 +188,7 @@ def run_predict(args) -> int:
 
 def run_evaluate(args) -> int:
     quiet_libraries()
-    from .evaluation import evaluate_folders, glue_table
+    from .results.evaluation import evaluate_folders, glue_table
 
     print(glue_table(evaluate_folders(args.model_path, args.overrides, batch_size=args.batch_size)))
     return 0
@@ -197,7 +196,7 @@ def run_evaluate(args) -> int:
 
 def run_submit(args) -> int:
     quiet_libraries()
-    from .submission import write_submission
+    from .results.submission import write_submission
 
     report = write_submission(args.model_path, args.output_dir, args.overrides, batch_size=args.batch_size)
     print(report.summary())
@@ -207,7 +206,7 @@ def run_submit(args) -> int:
 def run_sweep(args) -> int:
     from pathlib import Path
 
-    from . import sweep
+    from .search import sweep
 
     sweep_dir = Path(args.sweep_dir)
     if args.rerun:
@@ -234,53 +233,53 @@ def run_sweep(args) -> int:
 def run_search(args) -> int:
     from pathlib import Path
 
-    from . import search, search_results
-    from .arguments import lower_is_better
     from .config import load_config, read_yaml_file
-    from .search_space import check_against_config, read_space
+    from .config.arguments import lower_is_better
+    from .search import study, trials
+    from .search.space import check_against_config, read_space
 
     for name in ("trials", "jobs", "startup_trials", "confirm_top"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "startup_trials" else 1):
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive integer")
     read_yaml_file(args.config)
-    search.require_optuna()  # both engines: Ray Tune searches with Optuna's sampler
+    study.require_optuna()  # both engines: Ray Tune searches with Optuna's sampler
     if args.engine == "ray":
-        from . import search_ray
+        from .search import ray_tune
 
-        search_ray.require_ray()
+        ray_tune.require_ray()
     space = read_space(args.space)
     seeds = None
     if args.confirm_seeds:
-        from .sweep import parse_seeds
+        from .search.sweep import parse_seeds
 
-        seeds = parse_seeds(args.confirm_seeds)
+        seeds = parse_seeds(args.confirm_seeds, "--confirm_seeds")
     quiet_libraries()
     config = load_config(args.config, args.overrides)
     check_against_config(space, args.config, args.overrides)
     metric = config.task.primary_metric
-    spec = search.SearchSpec(
+    spec = study.SearchSpec(
         config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=space.to_dict(),
         space_source=str(Path(args.space).resolve()), metric=metric,
         direction="minimize" if lower_is_better(metric) else "maximize", search_dir=str(Path(args.search_dir).resolve()),
         trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed,
         storage=args.storage)
     if args.engine == "ray":
-        search_ray.run_search(spec, args.jobs, args.address, args.cpus_per_trial, args.gpus_per_trial)
+        ray_tune.run_search(spec, args.jobs, args.address, args.cpus_per_trial, args.gpus_per_trial)
     else:
-        search.run_search(spec, args.jobs)
-    rows = search.summarize(spec)
+        study.run_search(spec, args.jobs)
+    rows = study.summarize(spec)
     if not rows:
         raise UserError(f"the search in {spec.folder} has no trials yet")
-    print(search_results.trials_markdown(rows), end="")
-    found = json.loads((spec.folder / search_results.IMPORTANCES_FILENAME).read_text())  # summarize wrote it
+    print(trials.trials_markdown(rows), end="")
+    found = json.loads((spec.folder / trials.IMPORTANCES_FILENAME).read_text())  # summarize wrote it
     if found:
         print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
-    best = spec.folder / search_results.BEST_CONFIG_FILENAME
+    best = spec.folder / trials.BEST_CONFIG_FILENAME
     if best.is_file():
         print(f"best setting: {best} (gluetune train --config {best})")
     if seeds:
-        for entry in search.confirm(spec, seeds, args.confirm_top, args.jobs or 1):
-            print("confirmed: " + search_results.describe_confirmation(entry, metric))
+        for entry in study.confirm(spec, seeds, args.confirm_top, args.jobs or 1):
+            print("confirmed: " + trials.describe_confirmation(entry, metric))
     print(f"report: {spec.folder / 'report.md'}")
     return 0
 
@@ -290,7 +289,7 @@ def run_params(args) -> int:
 
     read_yaml_file(args.config)
     quiet_libraries()
-    from .models import classifier_from_config, describe_parameters, make_trainable
+    from .model.classifier import classifier_from_config, describe_parameters, make_trainable
 
     config = load_config(args.config, args.overrides)
     model = make_trainable(classifier_from_config(config), config)
@@ -300,7 +299,7 @@ def run_params(args) -> int:
 
 def run_export(args) -> int:
     quiet_libraries()
-    from .export import export_folder
+    from .results.export import export_folder
 
     folder = export_folder(args.model_path, args.output_dir, dtype=args.dtype)
     print(f"exported to {folder}: load with AutoModelForSequenceClassification.from_pretrained({str(folder)!r}"
@@ -309,14 +308,14 @@ def run_export(args) -> int:
 
 
 def run_report(args) -> int:
-    from .report import write_report
+    from .search.report import write_report
 
     print(f"wrote {write_report(args.folder)}")
     return 0
 
 
 def run_cache(args) -> int:
-    from .data import tokenization_cache
+    from .data.tokenizing import tokenization_cache
 
     folder, entries, size = tokenization_cache(clear=args.clear)
     if args.clear:
@@ -333,29 +332,6 @@ COMMANDS = {
 }
 
 
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[gluetune] %(message)s"))
-    logger.handlers[:] = [handler]
-    # In a multi-process run only the main process speaks; the others report errors only.
-    logger.setLevel(logging.INFO if distributed.is_main_process() else logging.ERROR)
-    logger.propagate = False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Library deprecation chatter (transformers v5 renames, pyarrow options) is not the user's to fix.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def quiet_libraries() -> None:
-    """transformers' and datasets' own logging and weight-loading bars off (gluetune shows progress)."""
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line. `prog` names a single command's own script (train.py, inference.py)."""
     if prog is None:
@@ -366,7 +342,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         {"train": _train_parser, "predict": _predict_parser}[command](parser)
         args = parser.parse_args(rest)
         args.command = command
-    setup_logging()
+    # In a multi-process run only the main process speaks; the others report errors only.
+    setup_logging(distributed.is_main_process())
     try:
         return COMMANDS[args.command](args)
     except UserError as err:

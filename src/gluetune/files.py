@@ -1,4 +1,4 @@
-"""Small file helpers: writes that are never seen half-done, gluetune's cache folder."""
+"""Small file helpers: writes that are never seen half-done, gluetune's cache folder, installed versions."""
 
 from __future__ import annotations
 
@@ -60,3 +60,13 @@ def cache_dir(kind: str) -> Path:
 def is_local_path(name: str) -> bool:
     """Whether a model name is a local path rather than a hub id (`org/name`) or a `pkg:` name."""
     return name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name)) or name.count("/") > 1
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of a distribution (`bitsandbytes`, `gguf`, ...), None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

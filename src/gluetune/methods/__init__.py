@@ -1,10 +1,13 @@
-"""Fine-tuning methods, one module each: a config dataclass beside the code that applies it.
+"""Fine-tuning methods, one folder each (peft-style): the `peft:` section's dataclass beside the code
+that applies it.
 
-A method module defines `Config` (its `peft:` section; `method` names it) with `parse(raw, source)`
-and `to_dict(config)`, `apply(model, config)` which makes a freshly loaded base model trainable,
-`parameter_groups(model, config, training_args)` (None when every trainable weight shares the
-Trainer's learning rate), and `load(config, load_base, folder)` which rebuilds the trained model
-from an output folder. Add a method by adding a module and listing it in `METHODS`.
+A method folder has `config.py` with `Config` (its `peft:` section; `method` names it), `parse(raw,
+source)` and `to_dict(config)`, and `model.py` with `apply(model, config)`, which makes a freshly
+loaded base model trainable, `parameter_groups(model, config, training_args)` (None when every
+trainable weight shares the Trainer's learning rate) and `load(config, load_base, folder)`, which
+rebuilds the trained model from an output folder. Add a method by adding a folder and listing it
+in `METHODS`. Methods sit below `config` (which parses their sections) and `model` (which applies
+them): they import nothing of gluetune but its foundations, and peft only when a model is built.
 """
 
 from __future__ import annotations

@@ -1,0 +1,89 @@
+"""A run folder's layout: the files a run leaves, how to tell a finished run and a complete checkpoint.
+
+A checkpoint counts as complete once its `trainer_state.json` parses and every process's RNG state
+is there: the main process writes the trainer state after its own weights, optimizer, scheduler and
+RNG state, but the other processes write their RNG states without waiting for each other, so a kill
+while saving leaves a folder short of one of them, which is ignored (and cleared on resume) while
+the previous one stays usable. How many processes wrote them is in `run_record.json`.
+A run counts as finished once `metrics.json` exists; it is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from ..errors import UserError
+
+LOCK_FILENAME = ".gluetune.lock"  # held by the run that writes the folder (training.outputdir)
+OWNER_FILENAME = ".gluetune.lock.owner"  # who holds the lock
+LOCK_FILES = (LOCK_FILENAME, OWNER_FILENAME)
+METRICS_FILENAME = "metrics.json"  # written last: its presence means the run finished
+RECORD_FILENAME = "run_record.json"  # how to reproduce the run: command, seed, versions, data hashes
+PREDICTIONS_FILENAME = "validation_predictions.jsonl"  # the final model's logits for every validation example
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def recorded_processes(folder: Path) -> int | None:
+    """How many processes wrote the run's checkpoints (run_record.json); None for a run of old."""
+    return (read_record(folder).get("batch") or {}).get("processes")
+
+
+def missing_from_checkpoint(path: Path, processes: int | None) -> list[str]:
+    """The files a checkpoint of a run on `processes` processes lacks to resume exactly; [] when it is complete."""
+    path = Path(path)
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return ["trainer_state.json"]
+    present = {p.name for p in path.glob("rng_state*.pth")}
+    if not present or processes is None:  # training.save_only_model (no RNG states, by choice); a run of old
+        return []
+    wanted = ["rng_state.pth"] if processes == 1 else [f"rng_state_{i}.pth" for i in range(processes)]
+    return [name for name in wanted if name not in present]
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders, oldest step first (complete or not)."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    processes = recorded_processes(folder)
+    complete = [p for p in checkpoints(folder) if not missing_from_checkpoint(p, processes)]
+    return complete[-1] if complete else None
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / METRICS_FILENAME).is_file()
+
+
+def read_record(folder: Path) -> dict:
+    path = Path(folder) / RECORD_FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_metrics(folder: Path) -> dict:
+    path = Path(folder) / METRICS_FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the run's metrics ({err})") from None
+
+
+def describe_batch(batch: dict[str, int]) -> str:
+    """'64 = 16 per device x 2 accumulation x 2 process(es)' (x GPUs when one process drives several)."""
+    text = (f"{math.prod(batch.values())} = {batch['per_device']} per device x {batch['accumulation']} accumulation "
+            f"x {batch['processes']} process(es)")
+    return text + (f" x {batch['gpus_per_process']} GPUs (DataParallel)" if batch.get("gpus_per_process", 1) > 1 else "")

@@ -1,0 +1,155 @@
+"""The config's `TrainingArguments` on this machine: the precision the device has, the optional
+accelerators that are installed, bitsandbytes optimizers where they run, a CPU process group
+under a launcher. Each switch this machine lacks falls back with a one-line notice, so one config
+runs everywhere; the config itself stays machine-independent (config.arguments).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from ..config import arguments
+from ..config.run import RunConfig
+from ..errors import UserError
+from . import distributed
+from .optimizers import is_bitsandbytes_optimizer, optimizer_settings
+from .speed import fastpath
+
+logger = logging.getLogger("gluetune")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if cuda_available() else "cpu"
+
+
+def native_bf16() -> bool:
+    # Without `including_emulation=False`, pre-Ampere GPUs (T4, V100) answer True: bf16 runs
+    # there, emulated and slow.
+    return cuda_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def precision_settings(kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """bf16/fp16 as asked where the device has them natively, else the nearest that runs well.
+
+    The reference config asks for bf16. A GPU without native bf16 gets fp16 mixed precision (fp32
+    weights, fp16 compute, a loss scaler); a CPU gets fp32: CPU autocast to bf16 is both slow and
+    a numerics change nobody asked for.
+    """
+    notices, settings = [], {}
+    if kwargs.get("bf16") and not native_bf16():
+        settings["bf16"] = False
+        if cuda_available():
+            settings["fp16"] = True
+            notices.append(f"bf16 is not native on this device ({device_name()}); training in fp16 mixed precision")
+        else:
+            notices.append(f"bf16 is not supported on this device ({device_name()}); training in fp32")
+    if kwargs.get("fp16") and not cuda_available():
+        settings["fp16"] = False
+        notices.append(f"fp16 is not supported on this device ({device_name()}); training in fp32")
+    if kwargs.get("tf32") and not cuda_available():
+        settings["tf32"] = None
+    return settings, notices
+
+
+def reporting(report_to: list[str]) -> tuple[list[str] | str, bool]:
+    """(what the Trainer reports to, whether gluetune writes TensorBoard itself).
+
+    TensorBoard is written by gluetune's own callback, into `logging_dir` (transformers v5 has no
+    such argument); every other reporter (wandb, mlflow, ...) is the Trainer's.
+    """
+    wanted = list(report_to or [])
+    if "none" in wanted:
+        return "none", False
+    if "all" in wanted:
+        from transformers.integrations import get_available_reporting_integrations
+
+        wanted = [r for r in wanted if r != "all"] + get_available_reporting_integrations()
+    others = list(dict.fromkeys(r for r in wanted if r != "tensorboard"))
+    return others or "none", "tensorboard" in wanted
+
+
+def training_arguments(config: RunConfig, quiet: bool = False) -> TrainingArguments:
+    """The config's TrainingArguments adjusted for this machine (sets up the process group
+    when launched by torchrun or accelerate)."""
+    kwargs = arguments.trainer_kwargs(config.training, config.task)
+    precision, notices = precision_settings(kwargs)
+    accelerators, more = accelerator_settings(kwargs, cuda_available())
+    kwargs.update(precision)
+    kwargs.update(accelerators)
+    if kwargs.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"{config.source}: training.deepspeed: the deepspeed package is not installed (pip install "
+                        "deepspeed; it needs CUDA); configs/accelerate/fsdp.yaml shards without it")
+    kwargs["report_to"], _ = reporting(kwargs.get("report_to"))
+    kwargs["disable_tqdm"] = True  # progress.ConsoleProgress shows progress instead
+    kwargs.update(fastpath.argument_changes(config, kwargs, cuda_available()))
+    if not cuda_available():
+        kwargs.setdefault("dataloader_pin_memory", False)
+    if not cuda_available() and not torch.backends.mps.is_available():
+        # accelerate sets up a CPU process group (gloo) for torchrun / accelerate launch only when
+        # told it runs on the CPU; otherwise each process would train alone.
+        kwargs["use_cpu"] = True
+    # Every trainable weight (adapters, head) takes part in each forward pass: no extra graph walk.
+    kwargs.setdefault("ddp_find_unused_parameters", False)
+    for notice in [] if quiet or not distributed.is_main_process() else notices + more:
+        logger.warning(notice)
+    try:
+        args = TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{config.source}: training: {err}".splitlines()[0]) from None
+    check_cuda_graphs(config, args)
+    return args
+
+
+def check_cuda_graphs(config: RunConfig, args: TrainingArguments) -> None:
+    """`training.cuda_graphs` where it can run: a CUDA GPU, one process (cudagraphs.py)."""
+    if not config.training.get("cuda_graphs"):
+        return
+    if not cuda_available():
+        raise UserError(f"{config.source}: training.cuda_graphs: CUDA graphs need a CUDA GPU and this machine has none "
+                        f"({device_name()}); set training.cuda_graphs=false (the fast path runs without them)")
+    if args.world_size > 1:
+        raise UserError(f"{config.source}: training.cuda_graphs: captured steps run in one process, this run has "
+                        f"{args.world_size}; set training.cuda_graphs=false")
+
+
+def batch_factors(args: TrainingArguments) -> dict[str, int]:
+    """What one optimizer step holds. One process that sees several GPUs without a launcher runs
+    them as DataParallel (TrainingArguments.n_gpu > 1): each micro-batch then holds per device x
+    GPUs examples."""
+    return {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
+            "processes": args.world_size, "gpus_per_process": max(1, args.n_gpu)}
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def accelerator_settings(training: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], list[str]]:
+    """Turn off the accelerators a config asks for that this platform lacks, with a notice each."""
+    settings, notices = {}, []
+    if training.get("use_liger_kernel"):
+        if not cuda:
+            settings["use_liger_kernel"] = False
+            notices.append("use_liger_kernel: Liger kernels need CUDA; running without them")
+        elif not has_module("liger_kernel"):
+            settings["use_liger_kernel"] = False
+            notices.append("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); running without it")
+    if training.get("torch_compile") and (not hasattr(torch, "compile") or (cuda and not has_module("triton"))):
+        settings["torch_compile"] = False
+        notices.append("torch_compile: torch.compile is unavailable here (no triton); running eagerly")
+    optim = str(training.get("optim", ""))
+    if is_bitsandbytes_optimizer(optim):
+        device = "cuda" if cuda else "mps" if torch.backends.mps.is_available() else "cpu"
+        changes, notice = optimizer_settings(optim, device)
+        settings.update(changes)
+        notices.append(notice)
+    return settings, notices

@@ -1,0 +1,282 @@
+"""Training: the run a config describes, on this machine, in one process or many.
+
+The same code runs in every process of a `torchrun` / `accelerate launch` job (a single process is
+a job of one): only the main process takes the output folder's lock, prepares the folder and
+writes files; the others wait for it where they must and take every decision with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .. import methods
+from ..config import quantization
+from ..config.run import RunConfig, check_same_settings, save_config
+from ..data.loading import load_splits, source_files
+from ..data.tokenizing import tokenize
+from ..errors import RunInterrupted, UserError
+from ..files import atomic_write_json, atomic_write_text
+from ..model import classifier as models
+from ..results import card, hub, metrics, rundir
+from ..results.report import write_run_report
+from . import distributed, outputdir
+from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
+from .machine import batch_factors, cuda_available, device_name, reporting, training_arguments
+from .progress import ConsoleProgress
+from .speed import cudagraphs, fastpath
+from .speed.cpu import use_fast_cpu_dropout
+from .trainer import GluetuneTrainer
+
+logger = logging.getLogger("gluetune")
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, Any]  # what metrics.json holds
+    model: Any = None  # the trained model as saved (the best checkpoint's weights); None if not trained now
+    tokenizer: Any = None
+    predictions: dict[str, Any] | None = None  # validation split -> PredictionOutput of the final model
+
+
+def train(config: RunConfig, callbacks: list | None = None) -> TrainOutcome:
+    """Train, keep the best checkpoint, save adapter + head + tokenizer + config + metrics.
+    `callbacks`: more TrainerCallbacks for this run (e.g. a benchmark's timers)."""
+    args = training_arguments(config)
+    output_dir = config.output_dir
+    created = not output_dir.exists()
+    lock = outputdir.OutputDirLock(output_dir) if distributed.is_main_process() else None
+    try:
+        finished, checkpoint = distributed.run_on_main(lambda: _prepare_folder(config, lock, batch_factors(args)),
+                                                       UserError)
+        if finished:
+            logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
+            return TrainOutcome(metrics=rundir.read_metrics(output_dir))
+        return _train_in(config, args, checkpoint, callbacks or [])
+    finally:
+        # Only the lock's holder may clean up, and before it lets go: a refused start must not take
+        # away the lock of the run that holds the folder.
+        if lock is not None and lock.held:
+            outputdir.remove_if_unused(output_dir, created)
+            lock.release()
+
+
+def _prepare_folder(config: RunConfig, lock: outputdir.OutputDirLock, batch: dict[str, int]) -> tuple[bool, Path | None]:
+    """(whether the folder holds this run finished, the checkpoint to resume). Main process only."""
+    hub.check_can_push(config.training)
+    lock.acquire()
+    output_dir, control = config.output_dir, config.control
+    if control.resume and not control.overwrite:
+        check_same_settings(output_dir, config, "--resume")
+        if rundir.is_finished(output_dir):
+            return True, None
+        outputdir.check_same_batch(output_dir, batch)
+    return False, outputdir.prepare(output_dir, control.resume, control.overwrite)
+
+
+def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None, callbacks: list) -> TrainOutcome:
+    started = time.time()
+    set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
+    tokenizer, model = _load_model(config, args)
+    raw, encoded = _load_data(config, args, tokenizer, model)
+    # Evaluation order does not change any metric; sorted by length, batches carry little padding.
+    evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
+    stop, board = GracefulStop(), _tensorboard(config)
+    trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop, *callbacks])
+    if distributed.is_main_process():
+        save_config(config, config.output_dir)
+        batch = batch_factors(args)
+        outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
+                            quantization.describe(config.model.quantization) if config.model.quantization else None)
+        logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
+        if checkpoint is not None:
+            logger.info("resuming from %s", checkpoint)
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        raise RunInterrupted(
+            f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint "
+            f"{rundir.latest_checkpoint(config.output_dir)} saved. Continue with: gluetune train --config ... --resume",
+            stop.received,
+        )
+
+    predictions = {split: trainer.predict(ds, metric_key_prefix="final") for split, ds in evals.items()}
+    trainer.save_model(str(config.output_dir))  # every process: a sharded model is gathered first
+    summary = _summary(config, args, trainer, result, predictions, checkpoint, started)
+    if distributed.is_main_process():
+        _write_outputs(config, trainer, tokenizer, evals, predictions, summary, board)
+    distributed.wait_for_everyone()
+    return TrainOutcome(metrics=summary, model=trainer.model, tokenizer=tokenizer, predictions=predictions)
+
+
+def _load_model(config: RunConfig, args: TrainingArguments):
+    # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
+    dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
+    with args.main_process_first(desc="fetching the model"):  # one download or GGUF conversion, then the cache
+        tokenizer = models.load_tokenizer(config.model)
+        model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id, dtype=dtype)
+    model = models.make_trainable(model, config)
+    if distributed.is_main_process():
+        if config.model.quantization:
+            logger.info("base model: %s; LoRA and the head train in fp32", quantization.describe(config.model.quantization))
+        logger.info("%s", models.describe_parameters(model))
+    if not cuda_available() and config.training.get("fast_cpu_dropout", True):
+        use_fast_cpu_dropout(model)
+    return tokenizer, model
+
+
+def _load_data(config: RunConfig, args: TrainingArguments, tokenizer, model) -> tuple[dict, dict]:
+    """The raw splits and their tokenized form (read and tokenized by the main process first; the
+    others then read the cache)."""
+    max_length, limit = config.dataset.max_length, models.max_model_length(model)
+    if limit and max_length > limit:
+        logger.warning("dataset.max_length=%d exceeds the model's limit of %d tokens; using %d", max_length, limit, limit)
+        max_length = limit
+    with args.main_process_first(desc="reading and tokenizing the data"):
+        raw = load_splits(config, ["train", *config.task.validation_splits])
+        encoded = {split: tokenize(ds, tokenizer, config.task, max_length, split, cache=config.dataset.cache_tokenized)
+                   for split, ds in raw.items()}
+    return raw, encoded
+
+
+def _tensorboard(config: RunConfig) -> RunTensorBoard | None:
+    _, tensorboard = reporting(config.training.get("report_to"))
+    return RunTensorBoard(config.training["logging_dir"]) if tensorboard else None
+
+
+def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: dict, first_callbacks: list):
+    watch = LossWatch(config.output_dir)
+    callbacks = [c for c in (*first_callbacks, CompleteLossLog(), watch, ConsoleProgress(list(config.task.metrics)),
+                             SingleClassWarning()) if c is not None]
+    trainer = GluetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=next(iter(evals.values())) if len(evals) == 1 else evals,
+        data_collator=fastpath.collator(config, tokenizer, args, cuda_available()),
+        train_collator=fastpath.collator(config, tokenizer, args, cuda_available(), training=True),
+        processing_class=tokenizer,
+        compute_metrics=metrics.trainer_metrics_fn(config.task),
+        callbacks=callbacks,
+        group_steps=config.training.get("length_group_batches"),
+        split_of_a_step=config.training.get("gradient_accumulation_steps", 1) * args.world_size,
+        parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args),
+        loss_watch=watch,
+    )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning("FSDP: accelerate shards models only on GPUs; on this machine the processes run plain DDP "
+                       "(the same training, each process holding the whole model)")
+    trainer.remove_callback(PrinterCallback)  # progress.ConsoleProgress shows progress instead
+    trainer.remove_callback(ProgressCallback)
+    if fastpath.enabled(config):
+        layers = fastpath.prepare_model(trainer, config)
+        train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
+        fastpath.rehearse(trainer, train_batches, eval_batches, layers)
+        if config.training.get("cuda_graphs"):
+            cudagraphs.use_graphs(trainer, train_batches)
+    return trainer
+
+
+def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkpoint: Path | None, started: float) -> dict:
+    """What metrics.json holds."""
+    task, batch = config.task, batch_factors(args)
+    validation = {split: {k.removeprefix("final_"): v for k, v in p.metrics.items()
+                          if k.removeprefix("final_") not in metrics.TIMING_KEYS}
+                  for split, p in predictions.items()}
+    trainable, total = models.count_parameters(trainer.model)
+    best = trainer.state.best_model_checkpoint
+    history = metrics.epoch_history(trainer.state.log_history)
+    return {
+        "task": task.name,
+        "primary_metric": task.primary_metric,
+        "primary_split": task.validation_splits[0],
+        **validation,
+        "best_checkpoint": Path(best).name if best else None,
+        "best_epoch": metrics.epoch_of_step(history, rundir.checkpoint_step(Path(best))) if best else None,
+        "best_metric": trainer.state.best_metric,
+        "history": history,
+        "train": {
+            "runtime_s": result.metrics.get("train_runtime"),
+            "samples_per_second": result.metrics.get("train_samples_per_second"),
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "loss": metrics.train_loss_of(trainer.state.log_history),
+            "effective_batch_size": math.prod(batch.values()),
+            "processes": args.world_size,
+            "gpus_per_process": batch["gpus_per_process"],
+            "resumed_from": checkpoint.name if checkpoint else None,
+        },
+        "wall_s": round(time.time() - started, 2),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "device": device_name(),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+    }
+
+
+def _write_outputs(config: RunConfig, trainer, tokenizer, evals: dict, predictions: dict, summary: dict, board) -> None:
+    """The main process's files after training; metrics.json marks the run finished."""
+    output_dir, primary_split = config.output_dir, config.task.validation_splits[0]
+    methods.name_base_model(output_dir, config.peft, config.model.name_or_path)
+    tokenizer.save_pretrained(str(output_dir))
+    write_validation_predictions(output_dir, evals, predictions)
+    if board is not None:
+        board.write_final(summary[primary_split], trainer.state.global_step)
+    atomic_write_json(output_dir / rundir.METRICS_FILENAME, summary)
+    card.write_card(output_dir)
+    write_run_report(output_dir)
+    _say_how_it_ended(summary, output_dir)
+    if config.training.get("push_to_hub"):
+        logger.info("pushed to the hub as %s", hub.push_run(output_dir, config.training))
+
+
+def _parallelism(trainer) -> str:
+    """How the processes share the work, as accelerate set it up: ' (DDP)', ' (FSDP2)', ..."""
+    kind = trainer.accelerator.distributed_type.value
+    if kind == "NO":
+        return ""
+    if kind == "FSDP":
+        return f" (FSDP{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', '')})"
+    return " (DDP)" if kind.startswith("MULTI_") else f" ({kind})"
+
+
+def write_validation_predictions(output_dir: Path, evals: dict, predictions: dict) -> None:
+    """The final model's logits for every validation example (for the report's confusion matrix
+    or scatter): one JSON object per line, {split, idx, label, logits}, in the split's own order."""
+    import json
+
+    import numpy as np
+
+    lines = []
+    for split, output in predictions.items():
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        order = np.argsort(np.asarray(evals[split]["idx"]), kind="stable")
+        idx, labels = np.asarray(evals[split]["idx"]), np.asarray(output.label_ids)
+        for i in order:
+            label = labels[i].item()
+            lines.append(json.dumps({"split": split, "idx": int(idx[i]), "label": label,
+                                     "logits": [round(float(v), 6) for v in np.atleast_1d(logits[i])]}))
+    atomic_write_text(output_dir / rundir.PREDICTIONS_FILENAME, "\n".join(lines) + "\n")
+
+
+def _say_how_it_ended(summary: dict, output_dir: Path) -> None:
+    primary, split = summary["primary_metric"], summary["primary_split"]
+    values = summary[split]
+    best = (f"best epoch {summary['best_epoch']:g} ({summary['best_checkpoint']})" if summary.get("best_epoch")
+            else "final model")
+    accuracy = f" (accuracy {values['accuracy']:.4f})" if "accuracy" in values else ""
+    logger.info("%s: %s %s = %.4f%s; saved to %s", best, split, primary, values[primary], accuracy, output_dir)
+    if values.get("predicted_classes") == 1:
+        logger.warning("DEGENERATE RUN: the final model predicts one class for every validation example")

@@ -1,0 +1,3 @@
+"""Switches that change how fast a run goes, never what it learns: the fast path (`fastpath`:
+padded length buckets, compiled layers), whole-step CUDA graphs (`cudagraphs`), and CPU speed-ups
+(`cpu`). Each falls back in one line where the machine lacks what it needs."""

@@ -1,0 +1,266 @@
+"""The fast path (`training.fast_path: true`): the same run with less host work per step.
+
+A LoRA step on short sentences (CoLA: ~9 tokens) costs the GPU little; what costs is the host
+launching thousands of small kernels per micro-batch. The fast path changes how the run executes,
+never what it learns (same examples per optimizer step, same schedule):
+
+- **One micro-batch per optimizer step.** `per_device_train_batch_size x gradient_accumulation_steps`
+  in one micro-batch (16 x 2 runs as 32 x 1): the step's examples are the same (sampling groups
+  by the whole step), and the loss is normalised over the step (trainer.compute_loss), so the
+  update is the same. The config keeps the values as written. CUDA graphs and accumulation do not
+  mix well (a captured graph cannot skip the gradient sync or zeroing of a half-step); this avoids it.
+- **Padded length buckets.** Batches are padded to a multiple of `BUCKET` tokens and to the full
+  micro-batch's rows (filler rows carry label -100: no loss, not counted), so a whole epoch runs
+  on a handful of shapes; compiled code and CUDA graphs are reused instead of rebuilt.
+- **Compiled decoder layers** (regional `torch.compile` of each repeated block), without CUDA
+  graphs: `reduce-overhead` on a block that runs 28 times a step crashed on an H200 (CUDA-graph trees
+  free a block's outputs when it is entered again, while the next block and the backward still read
+  them; pytorch/pytorch#152887). Whole-step CUDA graphs are `training.cuda_graphs` (cudagraphs.py).
+- **A rehearsal before training** (`rehearse`): every training shape runs forward and backward once,
+  every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
+  failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
+  lost. The rehearsal changes no weight, gradient or random stream, and no step is counted.
+- **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
+  evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
+
+The sync-free divergence check (callbacks.LossWatch) and the cheap FLOP count (trainer) are on
+every path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithPadding
+
+from .. import distributed
+
+logger = logging.getLogger("gluetune")
+
+BUCKET = 16  # tokens: CoLA's sentences (at most ~50 tokens) fall in 3-4 buckets
+
+
+def enabled(config) -> bool:
+    return bool(config.training.get("fast_path"))
+
+
+def argument_changes(config, kwargs: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """TrainingArguments values the fast path changes (none without it)."""
+    if not enabled(config):
+        return {}
+    accumulation = kwargs.get("gradient_accumulation_steps", 1)
+    changes = {
+        "per_device_train_batch_size": kwargs.get("per_device_train_batch_size", 8) * accumulation,
+        "gradient_accumulation_steps": 1,
+    }
+    if cuda:
+        if kwargs.get("optim", "adamw_torch") in ("adamw_torch", "adamw_torch_fused"):
+            changes["optim"] = "adamw_torch_fused"
+        changes["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "non_blocking": True}
+    return changes
+
+
+def collator(config, tokenizer, args, cuda: bool, training: bool = False):
+    """The batch collator: dynamic padding; with the fast path, padded buckets (and, for
+    training batches, the full micro-batch's rows)."""
+    if not enabled(config):
+        multiple = config.dataset.pad_to_multiple_of or (8 if cuda else None)
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+    return BucketCollator(tokenizer, BUCKET, rows=args.per_device_train_batch_size if training else None)
+
+
+class BucketCollator:
+    """Pads each batch to a multiple of `bucket` tokens and, if `rows` is set, to `rows` rows.
+
+    A filler row is one attended pad token (an all-masked row would make attention NaN) with
+    label -100: it adds no loss, no gradient and is not counted in the step's examples.
+    """
+
+    def __init__(self, tokenizer, bucket: int, rows: int | None = None):
+        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=bucket)
+        self.rows = rows
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, features):
+        batch = self.pad(features)
+        missing = (self.rows or 0) - batch["input_ids"].shape[0]
+        if missing <= 0:
+            return batch
+        width = batch["input_ids"].shape[1]
+        filler = {
+            "input_ids": torch.full((missing, width), self.pad_token_id, dtype=batch["input_ids"].dtype),
+            "attention_mask": torch.zeros((missing, width), dtype=batch["attention_mask"].dtype),
+        }
+        filler["attention_mask"][:, 0] = 1
+        if "token_type_ids" in batch:
+            filler["token_type_ids"] = torch.zeros((missing, width), dtype=batch["token_type_ids"].dtype)
+        if "labels" in batch:
+            filler["labels"] = torch.full((missing,), -100, dtype=batch["labels"].dtype)
+        for key, value in filler.items():
+            batch[key] = torch.cat([batch[key], value])
+        return batch
+
+
+def repeated_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder or encoder layers), found by the names transformers
+    gives them in `_no_split_modules` (what FSDP wraps and device maps keep whole)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def prepare_model(trainer, config) -> list[torch.nn.Module]:
+    """Compile each repeated layer in place (regional compilation); returns the compiled layers.
+
+    No `mode="reduce-overhead"` on CUDA: one compiled block entered 28 times a step and CUDA-graph
+    trees do not mix (see the module's docstring); whole-step graphs are cudagraphs.py's."""
+    if not enabled(config):
+        return []
+    layers = repeated_layers(trainer.model)
+    # dynamic=False makes one graph per input shape and mode (training, evaluation); past dynamo's
+    # recompile_limit (8) the layers run eager for good, which long texts (RTE: every bucket up to
+    # max_length) reach within an epoch. Room for every shape the run can make: each bucket in
+    # training, in full evaluation batches, and in each validation split's last batch.
+    shapes = padded(config.dataset.max_length) // BUCKET * (2 + len(config.task.validation_splits))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    logger.info("fast path: one micro-batch per step (%d rows), %d-token buckets, %d compiled layers",
+                trainer.args.per_device_train_batch_size, BUCKET, len(layers))
+    return layers
+
+
+def uncompile(layers: Iterable[torch.nn.Module]) -> None:
+    """Back to eager execution (undoes nn.Module.compile)."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
+# ---------------------------------------------------------------- the rehearsal
+
+
+def padded(length: int, bucket: int = BUCKET) -> int:
+    return -(-length // bucket) * bucket
+
+
+def training_shapes(lengths: Iterable[int], rows: int, bucket: int = BUCKET) -> list[tuple[int, int]]:
+    """Every (rows, width) a training micro-batch can have: the step plan the rehearsal compiles
+    (and cudagraphs.py captures) once each. A micro-batch is as wide as its longest example's bucket,
+    so the widths are the buckets of the examples' lengths; filler rows make every one `rows` tall."""
+    return sorted({(rows, padded(n, bucket)) for n in lengths})
+
+
+def evaluation_batches(lengths: list[int], batch_size: int) -> list[range]:
+    """One index range per distinct (rows, width) among an evaluation set's in-order batches."""
+    seen, picked = set(), []
+    for start in range(0, len(lengths), batch_size):
+        rows = range(start, min(start + batch_size, len(lengths)))
+        shape = (len(rows), padded(max(lengths[i] for i in rows)))
+        if shape not in seen:
+            seen.add(shape)
+            picked.append(rows)
+    return picked
+
+
+MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def features_of(dataset, indices: Iterable[int]) -> list[dict[str, Any]]:
+    """Collator input for these rows of a tokenized split (labels as the Trainer passes them)."""
+    rows = dataset.select(list(indices))
+    columns = [c for c in MODEL_COLUMNS if c in rows.column_names]
+    return [{**{c: row[c] for c in columns}, "labels": row["label"]} for row in rows]
+
+
+def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dict], list[dict]]:
+    """Real collated batches, one per training shape and one per evaluation shape."""
+    lengths = train_set["length"]
+    rows = trainer.args.per_device_train_batch_size
+    examples = {}  # width -> indices of examples that make a batch that wide
+    for index, length in enumerate(lengths):
+        examples.setdefault(padded(length), []).append(index)
+    train_batches = [trainer.train_collator(features_of(train_set, examples[width][:rows])) for width in sorted(examples)]
+    eval_batches = [trainer.data_collator(features_of(ds, indices)) for ds in eval_sets
+                    for indices in evaluation_batches(ds["length"], trainer.args.per_device_eval_batch_size)]
+    return train_batches, eval_batches
+
+
+class RandomState:
+    """The CPU and CUDA random streams, to put back after a rehearsal drew from them."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def rehearsal_loss(trainer, batch: dict) -> torch.Tensor:
+    """The loss of one batch, computed as the Trainer's training and evaluation steps compute it."""
+    inputs = {k: v.to(trainer.args.device) for k, v in batch.items()}
+    with trainer.compute_loss_context_manager():
+        return trainer.compute_loss(trainer.model, inputs, num_items_in_batch=torch.ones((), device=trainer.args.device))
+
+
+def attempt(trainer, action: Callable[[], None]) -> str | None:
+    """Run `action` (a rehearsal) leaving the run's starting point as it was; None if it worked on
+    every process, else what failed (the same answer on every process).
+
+    No optimizer exists yet, the gradients are dropped, the random streams put back, the weights
+    only read: the run then starts exactly where it would have without the rehearsal."""
+    model = trainer.model
+    random_state, was_training = RandomState(), model.training
+    failure = None
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 -- compilers and graph capture fail in many ways; each means: run without them
+        message = str(err).strip()
+        failure = f"{type(err).__name__}: {message.splitlines()[0]}" if message else type(err).__name__
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    try:
+        random_state.restore()
+    except Exception as err:  # noqa: BLE001 -- e.g. a generator a failed capture left registered: say so rather than crash
+        failure = failure or f"restoring the random streams: {type(err).__name__}: {err}".splitlines()[0]
+    if distributed.any_process(failure is not None):
+        return failure or "failed on another process"
+    return None
+
+
+def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layers: list[torch.nn.Module]) -> bool:
+    """Run every training shape (forward and backward) and every evaluation shape (forward) once
+    before training, so the compiled layers compile now; True if they did. On a failure the layers
+    go back to eager on every process, with one line saying why: the same run, slower."""
+    if not layers:
+        return True
+    model, started = trainer.model, time.perf_counter()
+    logger.info("fast path: compiling for %d training and %d evaluation shapes before the first step",
+                len(train_batches), len(eval_batches))
+
+    def run_every_shape():
+        model.train()
+        for batch in train_batches:
+            rehearsal_loss(trainer, batch).backward()
+            model.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            for batch in eval_batches:
+                rehearsal_loss(trainer, batch)
+
+    failure = attempt(trainer, run_every_shape)
+    if failure is not None:
+        uncompile(layers)
+        logger.warning("fast path: compiling the layers failed (%s); training with eager layers instead "
+                       "(same results, slower)", failure)
+        return False
+    logger.info("fast path: compiled in %.0f s", time.perf_counter() - started)
+    return True

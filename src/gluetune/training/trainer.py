@@ -1,0 +1,189 @@
+"""The Hugging Face Trainer, with the few things gluetune needs that it does not do itself.
+
+- **The loss of a whole optimizer step.** transformers 5 normalises a loss by the number of
+  examples in the step (`num_items_in_batch`) only when the model does, and skips its division by
+  the accumulation steps whenever the model's `forward` takes `**kwargs`; the sequence-
+  classification heads take them and ignore them, so with accumulation 2 the loss and the
+  gradients were doubled. Here the loss is the sum over the micro-batch's examples divided by the
+  step's example count (over all processes), so 16 x 2, 32 x 1 and 2 processes x 16 give the same
+  gradients, and the logged loss is the mean per-example loss.
+- **Length-grouped micro-batches for N processes** (sampling.LengthGroupedBatches).
+- **Per-role learning rates** as parameter groups under the Trainer's own optimizer (`optim`,
+  `optim_args`, fused and 8-bit variants all apply).
+- **No host-device sync per micro-batch**: a non-finite loss is noted on the device and checked
+  where the Trainer syncs anyway (callbacks.LossWatch); the per-micro-batch FLOP count does not
+  walk every module.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import seed_worker
+
+from ..data.sampling import LengthGroupedBatches
+from ..errors import UserError
+
+
+class GluetuneTrainer(Trainer):
+    # compute_loss already divides by the step's example count: the Trainer must not divide again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, group_steps: int | None = None, parameter_groups=None, loss_watch=None,
+                 train_collator=None, split_of_a_step: int | None = None, **kwargs):
+        """`group_steps`: optimizer steps per length-sorted group (None: the sampler's default);
+        `parameter_groups(model)`: optimizer groups with their own learning rates, or None;
+        `loss_watch`: a callbacks.LossWatch that sees every micro-batch's loss;
+        `train_collator`: the training batches' collator, if not `data_collator` (fastpath);
+        `split_of_a_step`: micro-batches x processes per step as configured, when the fast path runs
+        the step as one micro-batch (so a short last step is treated the same way)."""
+        super().__init__(*args, **kwargs)
+        self.group_steps = group_steps
+        self.split_of_a_step = split_of_a_step
+        self.train_collator = train_collator or self.data_collator
+        self.parameter_groups = parameter_groups
+        self.loss_watch = loss_watch
+        self._flops_per_token: int | None = None
+        self.graphed_steps = None
+        self._is_regression: bool | None = None
+        # The Trainer counts the step's examples (num_items_in_batch) only for models it believes
+        # normalise by it; compute_loss below always does.
+        self.model_accepts_loss_kwargs = True
+        self.epoch_of_batches = _EpochOfBatches()
+        self.add_callback(self.epoch_of_batches)
+
+    # ---------------------------------------------------------------- data
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.train_sampling_strategy != "group_by_length":
+            # transformers' samplers: the Trainer builds the loader with data_collator; lend it ours
+            evaluation_collator, self.data_collator = self.data_collator, self.train_collator
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = evaluation_collator
+        if self.args.accelerator_config.split_batches or self.args.accelerator_config.dispatch_batches:
+            raise UserError("training.accelerator_config: split_batches / dispatch_batches do not apply to gluetune's "
+                            "length-grouped steps (each process already gets its own); remove them")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        batches = LengthGroupedBatches(
+            self.train_dataset[self.args.length_column_name], self._train_batch_size, seed=seed,
+            accumulation=self.args.gradient_accumulation_steps, processes=self.args.world_size,
+            rank=self.args.process_index, group_steps=self.group_steps, smallest_step=self.split_of_a_step,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        params = {
+            "batch_sampler": batches, "collate_fn": self.train_collator,
+            "num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory,
+            "in_order": self.args.dataloader_in_order,
+            "worker_init_fn": partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                      rank=self.args.process_index),
+        }
+        if self.args.dataloader_num_workers > 0:
+            params.update(persistent_workers=self.args.dataloader_persistent_workers,
+                          prefetch_factor=self.args.dataloader_prefetch_factor,
+                          multiprocessing_context=self.args.dataloader_multiprocessing_context)
+        self.epoch_of_batches.batches = batches
+        loader = self.accelerator.prepare(DataLoader(dataset, **params))
+        # The batches are already this process's own: accelerate's round-robin dealer must pass
+        # them through, as the Trainer arranges for its own rank-aware BatchRebalanceSampler.
+        dealer = getattr(loader, "batch_sampler", None)
+        if dealer is not batches and getattr(dealer, "batch_sampler", None) is batches:
+            dealer.num_processes, dealer.process_index = 1, 0
+        return loader
+
+    def _get_eval_sampler(self, eval_dataset):
+        # In order: gluetune's evaluation sets are sorted by length already (little padding), and
+        # predictions must come back in the set's order. transformers 5 would draw a random
+        # length-grouped order for them whenever training groups by length.
+        if self.args.world_size > 1:
+            return None  # accelerate deals out consecutive batches and gathers them back in order
+        return SequentialSampler(eval_dataset)
+
+    # ---------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        kept = labels != -100  # -100: a filler row (fastpath), as in transformers' losses
+        if self._regression(model):
+            # masked rather than indexed: boolean indexing waits for the device (and cannot be captured)
+            total = torch.where(kept, logits.view(-1) - labels.float(), 0).square().sum()
+        else:
+            total = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100,
+                                                      label_smoothing=self.args.label_smoothing_factor, reduction="sum")
+        if num_items_in_batch is None:  # not from the Trainer's loops, which always count the step
+            num_items_in_batch = kept.sum().clamp(min=1)
+        loss = total / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # num_items_in_batch counts every process's examples; DDP then averages the gradients
+            # over processes, which this undoes (the Trainer does the same).
+            loss = loss * self.args.world_size
+        outputs["loss"] = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _regression(self, model) -> bool:
+        # Asked once: accelerate's unwrap_model walks every module of the model on each call (looking
+        # for compiled regions); per micro-batch that was half the module walks of a step
+        # (docs/performance.md, host overhead).
+        if self._is_regression is None:
+            self._is_regression = getattr(self.accelerator.unwrap_model(model).config, "problem_type", None) == "regression"
+        return self._is_regression
+
+    def use_graphed_steps(self, steps) -> None:
+        """`steps(inputs, num_items_in_batch)` runs forward and backward of a batch (a captured CUDA
+        graph, cudagraphs.GraphedSteps) and returns the loss, or None for a batch it cannot run."""
+        self.graphed_steps = steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = None
+        if self.graphed_steps is not None:
+            loss = self.graphed_steps(self._prepare_inputs(inputs), num_items_in_batch)
+        if loss is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_watch is not None:
+            self.loss_watch.note(loss, self.state.global_step + 1)
+        return loss
+
+    def floating_point_ops(self, inputs) -> int:
+        # The Trainer's version counts the model's parameters (a walk over every module) for
+        # each micro-batch; the count does not change during a run.
+        ids = inputs.get("input_ids")
+        if ids is None or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flops_per_token is None:
+            self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
+        return self._flops_per_token * ids.numel()
+
+    # ---------------------------------------------------------------- optimizer
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        groups = self.parameter_groups(opt_model) if self.parameter_groups and self.optimizer is None else None
+        if groups is None:
+            return super().create_optimizer(model)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise UserError(f"training.optim: {self.args.optim} builds its own parameter groups; it cannot take "
+                            "peft.loraplus_lr_ratio or peft.modules_to_save_lr (remove those, or choose adamw_torch)")
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class _EpochOfBatches(TrainerCallback):
+    """Tells the length-grouped batches which epoch begins. The Trainer's own `set_epoch` does not
+    reach them through both accelerate's per-process dealer and the skipper that a resumed epoch
+    adds, so a run resumed mid-epoch on several processes would replay epoch 0's order."""
+
+    def __init__(self):
+        self.batches = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.batches is not None:
+            steps_per_epoch = max(1, len(self.batches) // args.gradient_accumulation_steps)
+            self.batches.set_epoch(state.global_step // steps_per_epoch)

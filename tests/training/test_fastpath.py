@@ -1,0 +1,200 @@
+"""The GPU fast path's pieces, on the CPU: padded length buckets with filler rows that change nothing,
+every example once per epoch, one micro-batch per step in place of accumulation, the compiled layers,
+and the same losses as the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REFERENCE_CONFIG, UNEVEN_SIZE, assert_same_training, tiny_overrides, tiny_training_pieces
+
+from gluetune.config.run import load_config
+from gluetune.results import metrics
+from gluetune.training.run import train
+from gluetune.training.speed import fastpath
+from gluetune.training.trainer import GluetuneTrainer
+
+
+def trainer_for(tiny_qwen, tmp_path, *extra: str):
+    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "run", **UNEVEN_SIZE)
+                         + ["peft.lora_dropout=0", "training.report_to=none", *extra])
+    args, tokenizer, model, train_set = tiny_training_pieces(config)
+    trainer = GluetuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
+                              data_collator=fastpath.collator(config, tokenizer, args, False),
+                              train_collator=fastpath.collator(config, tokenizer, args, False, training=True),
+                              compute_metrics=metrics.trainer_metrics_fn(config.task))
+    return config, trainer, train_set
+
+
+STSB = ["dataset.subset=stsb", "model.num_labels=1", "dataset.num_labels=1", "dataset.text_column=null",
+        "training.metric_for_best_model=null", "training.greater_is_better=null"]
+
+
+@pytest.mark.parametrize("task", ["cola", "stsb"])
+def test_buckets_and_filler_rows(tiny_qwen, tmp_path, task):
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", *(STSB if task == "stsb" else []))
+    collate = trainer.train_collator
+    features = [{"input_ids": train_set[i]["input_ids"], "attention_mask": train_set[i]["attention_mask"],
+                 "labels": train_set[i]["label"]} for i in range(5)]
+    batch = collate(features)
+    assert batch["input_ids"].shape[0] == 32 and batch["input_ids"].shape[1] % fastpath.BUCKET == 0
+    assert (batch["labels"][5:] == -100).all() and (batch["labels"][:5] != -100).all()
+    assert (batch["attention_mask"][5:].sum(dim=1) == 1).all()  # one attended token: no all-masked row
+
+    # filler rows add no loss and no gradient: the same as the 5 real rows alone
+    model = trainer.model.train()
+    plain = trainer.data_collator(features)
+    losses, grads = [], []
+    for inputs in (plain, batch):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(5))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_an_epoch_on_the_fast_path_uses_every_example_once(tiny_qwen, tmp_path):
+    config, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true",
+                                             "dataset.max_train_samples=83")  # 83 = 2 x 32 + 19: a short last step
+    assert trainer.args.per_device_train_batch_size == 32 and trainer.args.gradient_accumulation_steps == 1
+    assert config.training["per_device_train_batch_size"] == 16  # the config keeps what the user wrote
+    real_lengths, shapes = [], set()
+    for batch in trainer.get_train_dataloader():
+        shapes.add(tuple(batch["input_ids"].shape))
+        real = batch["labels"] != -100
+        real_lengths += batch["attention_mask"][real].sum(dim=1).tolist()
+    assert sorted(real_lengths) == sorted(train_set["length"])  # each example once, none lost
+    assert all(rows == 32 and width % fastpath.BUCKET == 0 for rows, width in shapes)
+
+
+def test_the_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path, monkeypatch):
+    """Same optimizer steps over the same examples: per-step losses and final logits agree to float
+    rounding (1e-4; summation order differs between 16 x 2 and 32 x 1). Compilation is counted here,
+    not run (it costs minutes on 2 cores; the slow test below runs it)."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((type(self).__name__, kwargs)))
+    runs = plain_and_fast_runs(tiny_qwen, tmp_path)
+    assert [c[0] for c in compiled] == ["Qwen2DecoderLayer", "Qwen2DecoderLayer"]
+    assert compiled[0][1] == {"dynamic": False}  # no mode="reduce-overhead": it crashed on CUDA (fastpath docstring)
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def plain_and_fast_runs(tiny_qwen, tmp_path) -> dict:
+    """The same tiny run on the plain path and on the fast path: {name: (folder, metrics)}."""
+    runs = {}
+    for name, extra in (("plain", []), ("fast", ["training.fast_path=true"])):
+        out = tmp_path / name
+        config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, **UNEVEN_SIZE) + ["peft.lora_dropout=0", *extra])
+        runs[name] = (out, train(config).metrics)
+    return runs
+
+
+@pytest.mark.slow
+def test_the_compiled_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path):
+    """Regional torch.compile (inductor on the CPU) of the decoder layers: minutes to compile here."""
+    runs = plain_and_fast_runs(tiny_qwen, tmp_path)
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def test_a_failing_compilation_trains_on_the_plain_path_with_nothing_lost(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """The compiled layer raises (as a compiler on a GPU did): the rehearsal before training catches
+    it, one line says so, and the run ends with the plain run's metrics."""
+
+    def compile_that_fails(self, **kwargs):
+        def broken(*args, **kw):
+            raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten\nsecond line")
+
+        self._compiled_call_impl = broken
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_that_fails)
+    with caplog.at_level("WARNING", logger="gluetune"):
+        runs = plain_and_fast_runs(tiny_qwen, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "compiling the layers failed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "RuntimeError: accessing tensor output" in warnings[0]
+    assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
+
+
+def test_the_rehearsal_changes_no_weight_gradient_random_stream_or_step(tiny_qwen, tmp_path):
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "peft.lora_dropout=0.1")
+    model = trainer.model
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+    train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [train_set.sort("length")])
+    assert fastpath.rehearse(trainer, train_batches, eval_batches, fastpath.repeated_layers(model))  # eager layers here
+    assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), random_state)  # dropout drew from it, and it was put back
+    assert all(p.grad is None for p in model.parameters())
+    assert trainer.state.global_step == 0 and trainer.optimizer is None
+
+
+def test_the_step_plan_has_every_shape_an_epoch_uses(tiny_qwen, tmp_path):
+    """One rehearsal batch (and, with CUDA graphs, one captured graph) per shape the epoch's training
+    and evaluation batches have, each real (the collators' own output)."""
+    _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "dataset.max_train_samples=83")
+    plan = fastpath.training_shapes(train_set["length"], rows=32)
+    evals = train_set.sort("length")
+    train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [evals])
+    assert [tuple(b["input_ids"].shape) for b in train_batches] == plan
+    assert {tuple(b["input_ids"].shape) for b in trainer.get_train_dataloader()} <= set(plan)
+    assert {tuple(b["input_ids"].shape) for b in trainer.get_eval_dataloader(evals)} == {
+        tuple(b["input_ids"].shape) for b in eval_batches}
+    assert all((b["labels"] != -100).any() for b in train_batches)
+
+
+def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path):
+    from conftest import as_set_args, assert_one_line_error, run_cli
+
+    from gluetune.errors import UserError
+
+    with pytest.raises(UserError, match=r"training.cuda_graphs needs training.fast_path: true"):
+        load_config(REFERENCE_CONFIG, ["training.cuda_graphs=true"])
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", "training.cuda_graphs=true"]
+    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    assert_one_line_error(result, "training.cuda_graphs", "need a CUDA GPU", "cuda_graphs=false")
+    assert not (tmp_path / "run").exists()
+
+
+def test_fast_path_keeps_an_explicit_evaluation_batch(tiny_qwen, tmp_path):
+    from gluetune.config.arguments import FAST_PATH_EVAL_BATCH
+    from gluetune.training.run import training_arguments
+
+    def eval_batch(*extra):
+        overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", *extra]
+        return training_arguments(load_config(REFERENCE_CONFIG, overrides), quiet=True).per_device_eval_batch_size
+
+    assert eval_batch() == FAST_PATH_EVAL_BATCH
+    assert eval_batch("training.per_device_eval_batch_size=4") == 4
+
+
+def test_random_sampling_keeps_the_training_collator(tiny_qwen, tmp_path):
+    _, trainer, _ = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "training.train_sampling_strategy=random")
+    assert trainer.train_collator is not trainer.data_collator
+    assert trainer.get_train_dataloader().collate_fn is trainer.train_collator
+
+
+def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """RTE's long pairs fill many 16-token buckets; with dynamic=False each shape (and train/eval mode)
+    is one compilation, and past dynamo's recompile limit the layers would quietly run eager.
+    fail_on_recompile_limit_hit turns that into an error; dynamo's eager backend keeps the
+    tracing (and its guards and recompilations) without inductor's minutes of code generation."""
+    import torch._dynamo
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
+    # dynamo's own patch (a monkeypatch undo left recompile_limit deleted for later tests of the process)
+    dynamo_settings = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
+                                                 recompile_limit=torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    out = tmp_path / "rte"
+    rte = ["dataset.subset=rte", "dataset.text_column=null", "training.metric_for_best_model=accuracy",
+           "training.fast_path=true", "training.report_to=none"]
+    with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
+        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
+    assert summary["train"]["steps"] == 10
+    assert "compiling the layers failed" not in caplog.text  # the rehearsal would fall back to eager layers
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])  # past the default limit
+    torch._dynamo.reset()
