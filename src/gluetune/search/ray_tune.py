@@ -14,28 +14,31 @@ must be on a file system every node sees (the trials write there).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import time
+import signal
 from pathlib import Path
 
 from ..config.run import load_config
 from ..errors import UserError
 from ..files import atomic_write_json
 from . import trials
-from .runner import RunProcess, evaluations, final_score, is_last_evaluation
-from .study import SearchSpec
+from .study import RAY_FOLDER, SPEC_FILENAME, SearchSpec
+from .trialrun import TrialRun
 
 logger = logging.getLogger("gluetune")
 
 INSTALL_RAY = "pip install 'gluetune[ray]' (or pip install 'ray[tune]' optuna)"
-RAY_FOLDER = "ray"  # Ray Tune's own experiment records, in the search folder
 NUMBERS_FILENAME = "ray_trials.json"  # Ray trial id -> trial number
 EVALUATION = "evaluation"  # the time axis the schedulers cut on: the n-th evaluation (epoch)
 # The command's environment that the trials need wherever they run (the cluster's nodes start
 # workers with their own): where gluetune and the data are, the hub settings.
 PASSED_ENV = re.compile(r"^(PYTHONPATH|GLUE_DIR|HF_.*|TRANSFORMERS_.*|GLUETUNE_.*)$")
+INTERRUPTED_FILENAME = ".interrupted"  # written by the command on Ctrl-C/SIGTERM: its trials stop unpruned
+# Ray Tune restores an experiment as it was started (Tuner.restore takes no new TuneConfig).
+_RESTORED_AS_STARTED = ("trials", "jobs", "pruner", "startup_trials")
 
 
 def require_ray():
@@ -61,6 +64,13 @@ def connect(address: str | None):
         ray.init(address=address, runtime_env={"env_vars": passed_env()}, log_to_driver=False,
                  logging_level=logging.WARNING)
     except ConnectionError as err:
+        if _refused_token(err):
+            # Ray 2.59+: a cluster started where ~/.ray/auth_token exists checks a token, and Ray reports a
+            # client without the right one as a cluster it cannot connect to (InvalidAuthToken in the cause).
+            raise UserError(f"the Ray cluster at {address} refused this machine's authentication token "
+                            f"({str(err).splitlines()[0]}); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+                            "cluster's token, which `ray get-auth-token` prints on the head node (or RAY_AUTH_TOKEN_PATH "
+                            "to a file holding it)") from None
         raise UserError(f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0]}); start one with "
                         "`ray start --head`, or give its address with --address / RAY_ADDRESS") from None
     except (AuthenticationError, RuntimeError) as err:
@@ -72,6 +82,34 @@ def connect(address: str | None):
                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
                         "which `ray get-auth-token` prints on the head node") from None
     return ray.cluster_resources()
+
+
+def _refused_token(err: BaseException) -> bool:
+    """Whether a failed connection was the cluster refusing the token (its cause, Ray's own log line)."""
+    seen, texts = err, []
+    while seen is not None and len(texts) < 8:
+        texts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(texts).lower()
+    return any(mark in text for mark in ("invalidauthtoken", "authentication token", "unauthenticated"))
+
+
+def check_restorable(spec: SearchSpec) -> None:
+    """Refuse a new --trials, --jobs, --pruner or --startup_trials for a Ray search that has started:
+    Ray Tune restores its experiment as it was started, and would ignore them."""
+    if not (spec.folder / RAY_FOLDER).is_dir() or not (spec.folder / SPEC_FILENAME).is_file():
+        return
+    saved = json.loads((spec.folder / SPEC_FILENAME).read_text())
+    changed = [key for key in _RESTORED_AS_STARTED if key in saved and saved[key] != getattr(spec, key)]
+    if changed:
+        def given(key: str, value) -> str:
+            return f"no --{key}" if value is None else f"--{key} {value}"
+
+        was = " ".join(given(key, saved[key]) for key in changed)
+        now = " ".join(given(key, getattr(spec, key)) for key in changed)
+        raise UserError(f"{spec.folder} holds a Ray search started with {was}: Ray Tune restores an experiment as it was "
+                        f"started, so {now} would be ignored; continue it with {was}, or start a new search in another "
+                        "--search_dir")
 
 
 def check_resources(resources: dict, cpus: float, gpus: float, address: str | None) -> None:
@@ -121,6 +159,8 @@ def trial_number(search_dir: Path, trial_id: str) -> int:
 
 
 def run_search(spec: SearchSpec, jobs: int | None, address: str | None, cpus: float, gpus: float) -> None:
+    """Run the search on the Ray cluster. Ctrl-C or SIGTERM stops it as Ray Tune does (the running
+    trials save a checkpoint, the experiment's state is written) and raises KeyboardInterrupt."""
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -129,6 +169,7 @@ def run_search(spec: SearchSpec, jobs: int | None, address: str | None, cpus: fl
         raise UserError("--storage is for the optuna engine; with --engine ray the study lives in the Ray driver")
     spec.folder.mkdir(parents=True, exist_ok=True)
     spec.check_same_search()
+    check_restorable(spec)
     spec.save()
     check_resources(connect(address), cpus, gpus, address)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -149,14 +190,48 @@ def run_search(spec: SearchSpec, jobs: int | None, address: str | None, cpus: fl
                                         scheduler=_scheduler(spec), num_samples=spec.trials, max_concurrent_trials=jobs),
             run_config=tune.RunConfig(name=RAY_FOLDER, storage_path=str(spec.folder), verbose=0),
         )
-    tuner.fit()
+    _fit(tuner, spec.folder / INTERRUPTED_FILENAME)
+
+
+def _fit(tuner, marker: Path) -> None:
+    """tuner.fit(), with Ctrl-C and SIGTERM as an interruption: the marker file tells the trials that
+    Ray Tune stops that they were interrupted, not pruned; then KeyboardInterrupt, as the Optuna engine."""
+    marker.unlink(missing_ok=True)
+    interrupted = []
+
+    def handle(signum, frame):
+        ray_listens = signal.getsignal(signal.SIGUSR1) not in (ignore, signal.SIG_DFL, None)
+        if interrupted or not ray_listens:  # a second signal, or Ray Tune's loop not started: stop now
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        marker.touch()
+        logger.warning("%s received: stopping the search; each running trial saves a checkpoint (again to stop now)",
+                       signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's own graceful stop (its handler of SIGINT is off, below)
+
+    def ignore(signum, frame):
+        pass
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, ignore)  # replaced by Ray Tune's inside fit()
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        tuner.fit()
+    finally:
+        os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if interrupted:
+        logger.warning("search stopped; its running trials saved a checkpoint: run the same command to continue")
+        raise KeyboardInterrupt
 
 
 def GluetuneTrial():
     from ray import tune
 
     class GluetuneTrial(tune.Trainable):
-        """One trial: a gluetune run in its own process; each `step` returns its next evaluation."""
+        """One trial: a gluetune run in its own process (trialrun.TrialRun, as the Optuna engine's);
+        each `step` returns its next evaluation, the last one with the final score."""
 
         def setup(self, config: dict, spec_dir: str):
             self.spec = SearchSpec.read(Path(spec_dir))
@@ -164,51 +239,37 @@ def GluetuneTrial():
             values = {k: parameters[k].value_of(v) for k, v in config.items() if k in parameters}
             number = trial_number(self.spec.folder, self.trial_id)
             folder = self.spec.trial_folder(number)
-            self.record = trials.TrialRecord(number=number, params=values, folder=str(folder), engine="ray",
-                                                     study_trial=None)
-            self.record.save()
+            record = trials.TrialRecord(number=number, params=values, folder=str(folder), engine="ray", study_trial=None)
             # The run starts in the command's working directory, whatever Ray's trial directory is.
-            self.run = RunProcess.start(self.spec.config, self.spec.trial_overrides(values, folder), folder,
-                                        env={**os.environ, **passed_env()}, cwd=self.spec.cwd)
-            self.reported = 0
+            self.watch = TrialRun.start(record, self.spec.config, self.spec.trial_overrides(values, folder),
+                                        self.spec.metric, self.spec.cwd, env={**os.environ, **passed_env()})
+            self.pending = self.watch.evaluations()
 
         def step(self) -> dict:
-            metric = self.spec.metric
-            while True:
-                code = self.run.poll()  # before the records: once it has ended, they are complete
-                rows = evaluations(self.run.folder)
-                # The last evaluation is reported with the final score, once the run has ended: a
-                # scheduler's stop then would save nothing but the final metrics.
-                if len(rows) > self.reported and not is_last_evaluation(self.run.folder, rows[self.reported]):
-                    self.reported += 1
-                    value = rows[self.reported - 1].get(metric)
-                    self.record.curve.append(value)
-                    return {metric: value, EVALUATION: self.reported}
-                if code is not None:
-                    if code != 0:
-                        self.record.finish("failed", None, self.run.seconds, f"exit {code}: {self.run.last_log_line()}")
-                        raise RuntimeError(f"trial {self.record.number} failed: {self.record.reason}")
-                    score = final_score(self.run.folder)
-                    self.record.curve = [row.get(metric) for row in rows]
-                    self.record.finish("complete", score, self.run.seconds, "")
-                    return {metric: score, EVALUATION: len(rows), "done": True}
-                time.sleep(0.5)
+            found = next(self.pending, None)
+            if found is not None:
+                return {self.spec.metric: found[1], EVALUATION: found[0]}
+            record = self.watch.record
+            if self.watch.finish() != "complete":
+                raise RuntimeError(f"trial {record.number} failed: {record.reason}")
+            return {self.spec.metric: record.value, EVALUATION: len(record.curve), "done": True}
 
         def save_checkpoint(self, checkpoint_dir: str) -> dict:
             # The run keeps its own checkpoints in its folder; a restored trial resumes from them.
-            return {"evaluations": self.reported}
+            return {"evaluations": self.watch.offered}
 
         def load_checkpoint(self, checkpoint: dict) -> None:
-            pass
+            self.watch.resume_count(checkpoint.get("evaluations", 0))  # reported before: not again
 
         def cleanup(self):
-            # Called when the trial ends, also when the scheduler stops it early: stop the run
-            # gracefully (a checkpoint), and say so in its folder.
-            if self.run.poll() is None:
-                self.run.stop()
-                last = self.record.curve[-1] if self.record.curve else None
-                self.record.finish("pruned", last, self.run.seconds,
-                                   f"stopped early by Ray Tune's {self.spec.pruner} scheduler after evaluation "
-                                   f"{self.reported}" + (f" ({self.spec.metric} {last:.4f})" if last is not None else ""))
+            # Called when the trial ends, also when the scheduler stops it early or the search is
+            # interrupted: stop the run gracefully (a checkpoint), and say why in its folder.
+            if self.watch.run.poll() is None:
+                if (self.spec.folder / INTERRUPTED_FILENAME).exists():
+                    self.watch.stop("stopped with its search (interrupted): it resumes from its checkpoint when the "
+                                    "command runs again")
+                else:
+                    self.watch.prune(f"stopped early by Ray Tune's {self.spec.pruner} scheduler after evaluation "
+                                     f"{self.watch.offered}")
 
     return GluetuneTrial

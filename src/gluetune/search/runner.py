@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..config.run import CONFIG_FILENAME
 from ..results import rundir
 from ..results.metrics import epoch_history, primary_values
 from ..results.rundir import read_metrics
@@ -131,30 +130,31 @@ def _log_tail(folder: Path, size: int = 4096) -> str:
 def evaluations(folder: Path) -> list[dict]:
     """The run's evaluations so far, oldest first (`metrics.epoch_history` rows): from metrics.json
     once finished, else from the latest complete checkpoint; [] before the first one."""
+    return progress(folder)[0]
+
+
+def progress(folder: Path) -> tuple[list[dict], int | None]:
+    """The run's evaluations so far (as `evaluations`) and its last optimizer step, `max_steps`, as
+    the Trainer computed it (from num_train_epochs, its default 3, or training.max_steps), read from
+    the same checkpoint; None once the run has finished or before its first checkpoint."""
     folder = Path(folder)
     if rundir.is_finished(folder):
-        return read_metrics(folder).get("history", [])
+        return read_metrics(folder).get("history", []), None
     checkpoint = rundir.latest_checkpoint(folder)
     if checkpoint is None:
-        return []
+        return [], None
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):  # removed by the run's save_total_limit while being read
-        return []
-    return epoch_history(state.get("log_history", []))
+        return [], None
+    return epoch_history(state.get("log_history", [])), state.get("max_steps")
 
 
-def is_last_evaluation(folder: Path, row: dict) -> bool:
-    """Whether an evaluation is the run's last (at its final epoch): stopping the run then would
-    save nothing but its final metrics."""
-    import yaml
-
-    try:
-        training = yaml.safe_load((Path(folder) / CONFIG_FILENAME).read_text())["training"]
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
-    epochs = training.get("num_train_epochs")
-    return bool(epochs) and training.get("max_steps", -1) in (-1, None) and row.get("epoch", 0) >= epochs - 1e-3
+def is_last_evaluation(row: dict, max_steps: int | None) -> bool:
+    """Whether an evaluation is the run's last: at its last optimizer step (`progress`). Stopping the
+    run then would save nothing but its final metrics, and its graceful stop may be gone already, so
+    neither engine offers it to a pruner. Unknown (no max_steps): taken as the last."""
+    return max_steps is None or (row.get("step") or 0) >= max_steps
 
 
 def final_score(folder: Path) -> float:

@@ -1,19 +1,22 @@
 """`gluetune search`: a search over a space of `--set` values, on Optuna (embedded) or Ray Tune.
 
-Each trial is a normal `gluetune train` run in `<search_dir>/trials/trial-<n>` (runner.RunProcess),
+Each trial is a normal `gluetune train` run in `<search_dir>/trials/trial-<n>` (trialrun.TrialRun),
 reporting its primary validation metric after every evaluation, read from the run's own records.
 A trial that falls behind is stopped by the run's own graceful stop (a checkpoint, then exit) and
 its folder's `trial.json` says it was pruned.
 
 Optuna: the study lives in `<search_dir>/study.journal` (a journal file: Optuna advises against
-SQLite for parallel workers) or in `--storage` (a database URL, for workers on several machines).
-`--jobs` worker processes run here, one per GPU where there are GPUs (each sees only its own).
-Re-running the command continues the study: trials of dead workers are failed and retried (their
-runs resume from their last checkpoint), finished ones are kept.
+SQLite for parallel workers) or in `--storage` (a database URL, for workers on several machines:
+storage.py). `--jobs` worker processes run here, one per GPU where there are GPUs (each sees only
+its own). Re-running the command continues the study: trials of dead workers are failed and
+retried (their runs resume from their last checkpoint), finished ones are kept. Each trial's record
+is kept in the study too (a user attribute), so that every machine's table and report show every
+machine's trials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,14 +25,18 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..config.run import load_config, setting_differences
 from ..errors import UserError
 from ..files import atomic_write_json
+from . import storage as databases
 from . import trials
-from .runner import RunProcess, final_score, is_last_evaluation, raise_interrupt, shared_cores_env, start_tied
+from .dashboard import command_line
+from .runner import raise_interrupt, shared_cores_env, start_tied
 from .space import Space, as_overrides
+from .trialrun import TrialRun
 
 logger = logging.getLogger("gluetune")
 
@@ -39,15 +46,23 @@ LOCK_FILENAME = ".search.lock"
 WORKER_LOCK_PATTERN = ".worker-*.lock"  # held by each worker while it lives
 BUDGET_LOCK_FILENAME = ".budget.lock"
 TRIALS_DIR = "trials"
-HEARTBEAT_S = 30  # database storages: a worker silent for 4 heartbeats is dead, its trial failed and retried
+RAY_FOLDER = "ray"  # Ray Tune's own experiment records, in the search folder of a Ray search
+DEFAULT_STUDY_NAME = "gluetune-search"
 INSTALL_OPTUNA = "pip install 'gluetune[search]' (or pip install optuna)"
-# What decides a trial's result; the rest (budget, jobs, pruner) may change between re-runs.
-_SAME_SEARCH_KEYS = ("config", "overrides", "space", "metric", "direction", "seed")
+# What decides a trial's result, and where its trials are numbered; the rest (budget, jobs, pruner)
+# may change between re-runs of an Optuna search.
+_SAME_SEARCH_KEYS = ("config", "overrides", "space", "metric", "direction", "seed", "storage", "study_name")
+RECORD_ATTR = "gluetune_trial"  # a trial's record (trials.TrialRecord), for every machine and the dashboard
+SEARCH_ATTR = "gluetune_search"  # what decides the study's results: the config's settings, space, metric
+WORKERS_ATTR = "gluetune_workers"  # workers started on a database study so far: each samples with its own seed
+FAILURES_IN_A_ROW = 3  # a worker whose trials failed this many times in a row stops the search
+EXIT_FAILING = 3  # a worker's exit status when it stopped for that
 
 
 @dataclass
 class SearchSpec:
-    """Everything a worker needs, saved as `<search_dir>/search.json` (paths absolute)."""
+    """Everything a worker needs, saved as `<search_dir>/search.json` (paths absolute; the storage
+    URL without its password, which reaches the workers through their environment)."""
 
     config: str
     overrides: list[str]
@@ -61,8 +76,10 @@ class SearchSpec:
     startup_trials: int = 3
     seed: int = 0
     storage: str | None = None
-    study_name: str = "gluetune-search"
+    study_name: str = DEFAULT_STUDY_NAME
     cwd: str = field(default_factory=os.getcwd)
+    engine: str = "optuna"
+    jobs: int | None = None
 
     @property
     def folder(self) -> Path:
@@ -72,27 +89,61 @@ class SearchSpec:
         return Space.from_dict(self.space_source, self.space)
 
     @classmethod
-    def read(cls, search_dir: Path) -> SearchSpec:
-        return cls(**json.loads((Path(search_dir) / SPEC_FILENAME).read_text()))
+    def read(cls, search_dir: Path, storage: str | None = None) -> SearchSpec:
+        """The saved spec; its storage URL with the password of `storage` or of the workers'
+        environment (storage.URL_ENV) when that names the same database."""
+        data = _saved(Path(search_dir))
+        spec = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        given = storage or os.environ.get(databases.URL_ENV)
+        if spec.storage and given and databases.without_password(databases.with_driver(given)) == spec.storage:
+            spec.storage = databases.with_driver(given)
+        return spec
+
+    def saved(self) -> dict:
+        data = asdict(self)
+        if self.storage:
+            data["storage"] = databases.without_password(self.storage)
+        return data
 
     def save(self) -> None:
-        atomic_write_json(self.folder / SPEC_FILENAME, asdict(self))
+        atomic_write_json(self.folder / SPEC_FILENAME, self.saved())
 
     def check_same_search(self) -> None:
-        path = self.folder / SPEC_FILENAME
-        if not path.is_file():
+        if not (self.folder / SPEC_FILENAME).is_file():
             return
-        saved = json.loads(path.read_text())
+        saved, mine = _saved(self.folder), self.saved()
+        if saved["engine"] != self.engine:
+            raise UserError(f"{self.folder} holds a search run with --engine {saved['engine']}; --engine {self.engine} "
+                            f"would write over its trials: continue it with --engine {saved['engine']}, or use "
+                            "another --search_dir")
         for key in _SAME_SEARCH_KEYS:
-            if saved.get(key) != getattr(self, key):
-                raise UserError(f"{self.folder} holds a search with another {key} ({saved.get(key)!r}, now "
-                                f"{getattr(self, key)!r}); use another --search_dir, or the same settings to continue it")
+            if saved.get(key) != mine[key]:
+                shown = [databases.masked(v) if key == "storage" and v else v for v in (saved.get(key), mine[key])]
+                raise UserError(f"{self.folder} holds a search with another {key} ({shown[0]!r}, now {shown[1]!r}); use "
+                                "another --search_dir, or the same settings to continue it")
 
     def trial_folder(self, number: int) -> Path:
         return self.folder / TRIALS_DIR / f"trial-{number}"
 
     def trial_overrides(self, values: dict, folder: Path) -> list[str]:
         return [*self.overrides, *as_overrides(values), f"training.output_dir={folder}"]
+
+    def trial_config(self, record: trials.TrialRecord) -> dict:
+        """A trial's full config, as its run saved it (for a trial another machine ran)."""
+        return load_config(self.config, self.trial_overrides(record.params, Path(record.folder))).to_dict()
+
+    def where(self) -> str:
+        """The study, as messages name it (never with a password)."""
+        if self.storage:
+            return f"--storage {databases.masked(self.storage)}"
+        return str(self.folder / JOURNAL_FILENAME)
+
+
+def _saved(folder: Path) -> dict:
+    data = json.loads((folder / SPEC_FILENAME).read_text())
+    # Searches saved before the engine was recorded: a Ray search has Ray Tune's experiment folder.
+    data.setdefault("engine", "ray" if (folder / RAY_FOLDER).is_dir() else "optuna")
+    return data
 
 
 def require_optuna():
@@ -108,43 +159,22 @@ def require_optuna():
 # ---------------------------------------------------------------- the study
 
 
-def open_study(spec: SearchSpec, storage, worker: int | None = None):
-    """The study (created on first use); a worker's copy carries its seeded sampler and the pruner."""
-    import optuna
-
-    # Each worker its own stream of random numbers: with one seed they would propose the same points.
-    sampler = optuna.samplers.TPESampler(seed=spec.seed + (worker or 0), n_startup_trials=spec.startup_trials)
-    return optuna.create_study(study_name=spec.study_name, storage=storage, direction=spec.direction,
-                               sampler=sampler, pruner=make_pruner(spec), load_if_exists=True)
-
-
 def make_storage(spec: SearchSpec):
+    """The study's storage: the database of --storage (with heartbeats), else the search folder's journal."""
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.storage:
-        from optuna.storages import RDBStorage
+        return databases.open_rdb(spec.storage)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
 
-        # Optuna 4.9 renamed the retry callback and RDBStorage's argument for it.
-        callback = "heartbeat_stale_trial_callback" if retry_callback_class().__name__.startswith("RetryHeart") else (
-            "failed_trial_callback")
-        try:
-            storage = RDBStorage(spec.storage, heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S,
-                                 **{callback: retry_callback_class()(max_retry=None)})
-        except Exception as err:  # noqa: BLE001 (a bad URL, a missing driver, an unreachable server)
-            raise UserError(f"--storage {spec.storage}: cannot open the study's database ({err})".splitlines()[0]) from None
-    else:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = JournalStorage(JournalFileBackend(str(spec.folder / JOURNAL_FILENAME)))
-    return storage
+    return JournalStorage(JournalFileBackend(str(spec.folder / JOURNAL_FILENAME)))
 
 
-def retry_callback_class():
-    """Optuna's callback that enqueues a failed trial again (params, user attributes, retry history)."""
-    from optuna import storages
+def make_sampler(spec: SearchSpec, seed: int):
+    import optuna
 
-    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
 
 
 def make_pruner(spec: SearchSpec):
@@ -155,6 +185,65 @@ def make_pruner(spec: SearchSpec):
     if spec.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def prepare_study(spec: SearchSpec, store, settings: dict, jobs: int):
+    """Once per command, before its workers start (on PostgreSQL under a lock every machine's
+    command takes, so commands started at the same moment do it one after the other): the study
+    created or checked to be this search's, dead workers' trials failed and enqueued again, the
+    space's points enqueued once. Returns the study, how many trials were retried, and the seed of
+    this command's first worker (seed + the workers started on a database study before)."""
+    import optuna
+
+    def prepare():
+        study = optuna.create_study(study_name=spec.study_name, storage=store, direction=spec.direction,
+                                    load_if_exists=True)
+        check_study(spec, study, settings)
+        retried = retry_dead_trials(study, storage_is_local=spec.storage is None)
+        enqueue_points(study, spec.parsed_space())
+        first = 0
+        if spec.storage:  # other machines' workers: other seeds, else they would propose the same points
+            first = study.user_attrs.get(WORKERS_ATTR, 0)
+            study.set_user_attr(WORKERS_ATTR, first + jobs)
+        return study, retried, spec.seed + first
+
+    if spec.storage:
+        return databases.once(spec.storage, f"study {spec.study_name}", prepare)
+    return prepare()
+
+
+def check_study(spec: SearchSpec, study, settings: dict) -> None:
+    """Refuse a study that is another search's (a name two searches share on one server): another
+    direction, metric, config or space; a new study is marked as this search's."""
+    name, where = spec.study_name, spec.where()
+    direction = study.direction.name.lower()
+    if direction != spec.direction:
+        raise UserError(f"{where}: the study '{name}' there is to {direction} its objective, but this search would "
+                        f"{spec.direction} {spec.metric}; give this search its own --study_name")
+    metrics = study.metric_names
+    if metrics and list(metrics) != [spec.metric]:
+        raise UserError(f"{where}: the study '{name}' there scores trials by {', '.join(metrics)}, this search by "
+                        f"{spec.metric}; give this search its own --study_name")
+    mine = json.loads(json.dumps({"config": spec.config, "overrides": spec.overrides, "space_source": spec.space_source,
+                                  "space": spec.space, "metric": spec.metric, "settings": settings}))
+    saved = study.user_attrs.get(SEARCH_ATTR)
+    if saved is None:
+        if not metrics:
+            study.set_metric_names([spec.metric])
+        study.set_user_attr(SEARCH_ATTR, mine)
+        return
+    differences = setting_differences(saved.get("settings", {}), mine["settings"])
+    if saved.get("space") != mine["space"]:
+        differences.insert(0, "the space")
+    if differences:
+        def search(s: dict) -> str:
+            sets = "".join(f" --set {o}" for o in s.get("overrides", []))
+            return f"--config {s.get('config')}{sets} --space {s.get('space_source')}"
+
+        shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+        raise UserError(f"{where}: the study '{name}' there belongs to another search ({search(saved)}), not to this "
+                        f"one ({search(mine)}): they differ in {shown}; give this search its own --study_name, or "
+                        "run that search's config and space to join it")
 
 
 def retry_dead_trials(study, storage_is_local: bool) -> int:
@@ -170,7 +259,7 @@ def retry_dead_trials(study, storage_is_local: bool) -> int:
         before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         optuna.storages.fail_stale_trials(study)
         return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
-    retry, dead = retry_callback_class()(max_retry=None), study.get_trials(states=(TrialState.RUNNING,))
+    retry, dead = databases.retry_callback_class()(max_retry=None), study.get_trials(states=(TrialState.RUNNING,))
     for trial in dead:
         study.tell(trial.number, state=TrialState.FAIL)
         retry(study, study.get_trials(deepcopy=False)[trial.number])  # the same params and folder, WAITING
@@ -182,6 +271,37 @@ def enqueue_points(study, space: Space) -> None:
     (Optuna's GridSampler can hand one point to two concurrent workers; a queue pops each once)."""
     for point in space.enqueue:
         study.enqueue_trial(space.sampled(point), skip_if_exists=True)
+
+
+def study_records(study) -> list[trials.TrialRecord]:
+    """Every trial's record kept in the study (the latest attempt of each trial number); a trial
+    whose worker died (failed by a heartbeat check, not yet retried) shows as failed."""
+    from optuna.trial import TrialState
+
+    latest: dict[int, tuple[int, trials.TrialRecord]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        data = trial.user_attrs.get(RECORD_ATTR)
+        if not data:
+            continue
+        record = trials.TrialRecord(**data)
+        if record.state == "running" and trial.state != TrialState.RUNNING:
+            record.state, record.reason = "failed", "its worker stopped during the trial (no heartbeat)"
+        if record.number not in latest or trial.number > latest[record.number][0]:
+            latest[record.number] = (trial.number, record)
+    return [record for _, (_, record) in sorted(latest.items())]
+
+
+def search_records(spec: SearchSpec) -> list[trials.TrialRecord]:
+    """The search's trials: a database study's from the study (every machine's), else the folder's."""
+    if not spec.storage:
+        return trials.read_trials(spec.folder)
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec))
+    except KeyError:
+        raise UserError(f"{spec.where()}: no study '{spec.study_name}' there") from None
+    return study_records(study)
 
 
 # ---------------------------------------------------------------- the command
@@ -199,8 +319,10 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def run_search(spec: SearchSpec, jobs: int | None) -> None:
-    """Run the study's workers on this machine until the budget is spent."""
+def run_search(spec: SearchSpec, jobs: int | None, settings: dict, on_study=None) -> None:
+    """Run the study's workers on this machine until the budget is spent and no trial runs anywhere.
+    `settings`: the config's resolved settings (what makes the study this search's); `on_study(store)`
+    is called once the study exists, before the workers start (the dashboard)."""
     from filelock import FileLock, Timeout
 
     require_optuna()
@@ -212,19 +334,23 @@ def run_search(spec: SearchSpec, jobs: int | None) -> None:
         raise UserError(f"{spec.folder} is in use by another gluetune search; wait for it or use another --search_dir") from None
     try:
         spec.check_same_search()
-        spec.save()
-        if spec.storage is None:  # (a database's other workers may be alive on other machines: heartbeats judge)
-            _wait_for_old_workers(spec.folder)
-        study = open_study(spec, make_storage(spec))
-        retried = retry_dead_trials(study, storage_is_local=spec.storage is None)
-        if retried:
-            logger.info("%d trial(s) of a stopped search will run again, from their last checkpoint", retried)
-        enqueue_points(study, spec.parsed_space())
         gpus = visible_gpus()
         jobs = jobs or max(1, len(gpus))
         if gpus and jobs > len(gpus):
             raise UserError(f"--jobs {jobs}: this machine shows {len(gpus)} GPU(s); one worker per GPU at most")
-        _run_workers(spec, jobs, gpus)
+        spec.jobs = jobs
+        spec.save()
+        if spec.storage is None:  # (a database's other workers may be alive on other machines: heartbeats judge)
+            _wait_for_old_workers(spec.folder)
+        store = make_storage(spec)
+        study, retried, first_seed = prepare_study(spec, store, settings, jobs)
+        target = databases.masked(spec.storage) if spec.storage else str(spec.folder / JOURNAL_FILENAME)
+        logger.info("study '%s' in %s (watch it live: %s)", spec.study_name, target, command_line(target))
+        if retried:
+            logger.info("%d trial(s) of a stopped search will run again, from their last checkpoint", retried)
+        if on_study is not None:
+            on_study(store)
+        _run_workers(spec, jobs, gpus, first_seed, study)
     finally:
         lock.release()
 
@@ -243,16 +369,25 @@ def _wait_for_old_workers(folder: Path) -> None:
                             f"({path.name} is held); stop it, then run the command again") from None
 
 
-def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
+def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str], first_seed: int, study) -> None:
     workers = []
     for index in range(jobs):
         env = shared_cores_env(jobs)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index]  # each worker, and so each of its trials, sees one GPU
-        workers.append(start_tied([sys.executable, "-m", "gluetune.search.worker", spec.search_dir, str(index)], env=env))
+        if spec.storage:
+            env[databases.URL_ENV] = spec.storage  # the password, if any, never on a command line
+        workers.append(start_tied([sys.executable, "-m", "gluetune.search.worker", spec.search_dir, str(index),
+                                   str(first_seed + index)], env=env))
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        codes = [w.wait() for w in workers]
+        while None in (codes := [w.poll() for w in workers]) and EXIT_FAILING not in codes:
+            time.sleep(0.5)
+        if EXIT_FAILING in codes:  # the others stop too (a checkpoint each): the next command retries their trials
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+            codes = [w.wait() for w in workers]
     except KeyboardInterrupt:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
@@ -262,18 +397,35 @@ def _run_workers(spec: SearchSpec, jobs: int, gpus: list[str]) -> None:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if EXIT_FAILING in codes:
+        raise UserError(_failing(study))
     if any(codes):
         raise UserError(f"a search worker failed (exit codes {codes}); run the same command to continue the study")
+
+
+def _failing(study) -> str:
+    """Why a worker stopped the search: its trials kept failing; the last failure of the study."""
+    from optuna.trial import TrialState
+
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if t.user_attrs.get(RECORD_ATTR, {}).get("state") == "failed"]
+    last = max(failed, key=lambda t: t.datetime_complete).user_attrs[RECORD_ATTR] if failed else None
+    which = (f"the last, trial {last['number']}: {last['reason']} (log: {Path(last['folder']) / 'train.log'})"
+             if last else "")
+    return (f"the search stopped: {FAILURES_IN_A_ROW} trials in a row failed; {which}; fix the cause, then run the "
+            "same command to continue the study")
 
 
 # ---------------------------------------------------------------- results
 
 
 def summarize(spec: SearchSpec) -> list[dict]:
-    """The trial table, importances, best config and report of the search folder."""
+    """The trial table, importances, best config and report of the search folder (a database
+    study's table holds every machine's trials)."""
     from .report import write_report
 
-    rows = trials.write_results(spec.folder, spec.metric, spec.direction == "maximize", spec.parsed_space())
+    rows = trials.write_results(spec.folder, spec.metric, spec.direction == "maximize", spec.parsed_space(),
+                                search_records(spec), spec.trial_config)
     if rows:
         write_report(spec.folder)
     return rows
@@ -284,7 +436,7 @@ def confirm(spec: SearchSpec, seeds: list[int], top: int, jobs: int) -> list[dic
     its own score: the best trial of a search on one seed is partly luck."""
     from .sweep import Setting, run_sweep
 
-    best = trials.best_trials(spec.folder, spec.direction == "maximize", top)
+    best = trials.best_trials(search_records(spec), spec.direction == "maximize", top)
     if not best:
         raise UserError("--confirm_seeds: the search has no complete trial to confirm")
     settings = [Setting(as_overrides(t.params)) for t in best]
@@ -302,23 +454,68 @@ def confirm(spec: SearchSpec, seeds: list[int], top: int, jobs: int) -> list[dic
 class _Heartbeat:
     """Records a database trial's heartbeat while it runs (study.optimize does this, ask/tell not)."""
 
-    def __init__(self, storage, trial_id: int):
+    def __init__(self, store, trial_id: int):
         self._stop = threading.Event()
-        self._thread = None
-        if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
-            def beat():
-                while not self._stop.wait(HEARTBEAT_S):
-                    storage.record_heartbeat(trial_id)
+        if hasattr(store, "record_heartbeat") and store.get_heartbeat_interval():
+            interval = store.get_heartbeat_interval()
 
-            self._thread = threading.Thread(target=beat, daemon=True)
-            self._thread.start()
+            def beat():
+                while not self._stop.wait(interval):
+                    try:
+                        store.record_heartbeat(trial_id)
+                    except Exception as err:  # noqa: BLE001 (the server away a moment: beat again next time)
+                        logger.warning("heartbeat of trial id %d not recorded (%s)", trial_id,
+                                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+            threading.Thread(target=beat, daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def worker_main(search_dir: str, index: int) -> int:
+@contextlib.contextmanager
+def _budget_lock(spec: SearchSpec):
+    """Counting the budget and asking for a trial: one worker of this machine at a time, and on
+    PostgreSQL one worker of all machines (elsewhere machines may together overshoot by workers - 1)."""
+    from filelock import FileLock
+
+    with FileLock(str(spec.folder / BUDGET_LOCK_FILENAME)):
+        if spec.storage:
+            with databases.server_lock(spec.storage, f"budget {spec.study_name}"):
+                yield
+        else:
+            yield
+
+
+def next_trial(spec: SearchSpec, study, store, stopping: list):
+    """The next trial for this worker (a retried or enqueued one first), or None once the budget
+    is spent and no trial runs anywhere (a running one may still fail and be retried). Before each
+    ask, trials whose heartbeat went stale (their machine died) are failed and enqueued again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    pause = min(5.0, databases.heartbeat_seconds()) if spec.storage else 1.0
+    while not stopping:
+        with _budget_lock(spec):
+            optuna.storages.fail_stale_trials(study)  # (a journal has no heartbeats: nothing to do)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            if sum(state in counted for state in states) < spec.trials:
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _Heartbeat beats
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = study.ask()
+                if hasattr(store, "record_heartbeat") and store.get_heartbeat_interval():
+                    store.record_heartbeat(trial._trial_id)  # from now on a silent trial goes stale
+                return trial
+        if TrialState.RUNNING not in states:
+            return None
+        time.sleep(pause)
+    return None
+
+
+def worker_main(search_dir: str, index: int, seed: int | None = None) -> int:
     """One worker: ask the study for a trial, run it, tell the result, until the budget is spent."""
+    import optuna
     from filelock import FileLock
     from optuna.trial import TrialState
 
@@ -326,32 +523,35 @@ def worker_main(search_dir: str, index: int) -> int:
     alive = FileLock(str(spec.folder / WORKER_LOCK_PATTERN.replace("*", str(index))), timeout=600)
     alive.acquire()  # held for the worker's life (released by the kernel however it ends)
     space = spec.parsed_space()
-    storage = make_storage(spec)
-    study = open_study(spec, storage, worker=index)
+    store = make_storage(spec)
+    # Each worker its own stream of random numbers: with one seed they would propose the same points.
+    study = optuna.load_study(study_name=spec.study_name, storage=store,
+                              sampler=make_sampler(spec, spec.seed + index if seed is None else seed),
+                              pruner=make_pruner(spec))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    while not stopping:
-        # Count and ask under one lock: two workers of this machine never both take the last trial.
-        with FileLock(str(spec.folder / BUDGET_LOCK_FILENAME)):
-            if len(study.get_trials(deepcopy=False, states=counted)) >= spec.trials:
-                return 0
-            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": _Heartbeat beats
-                warnings.simplefilter("ignore", UserWarning)
-                trial = study.ask()
+    failures = 0
+    while (trial := next_trial(spec, study, store, stopping)) is not None:
         values = {p.key: p.value_of(p.suggest(trial)) for p in space.parameters}
-        first = retry_callback_class().retried_trial_number(study.get_trials(deepcopy=False)[trial.number])
+        first = databases.retry_callback_class().retried_trial_number(study.get_trials(deepcopy=False)[trial.number])
         number = trial.number if first is None else first  # a retried trial resumes its first trial's run
-        heartbeat = _Heartbeat(storage, trial._trial_id)
+        heartbeat = _Heartbeat(store, trial._trial_id)
         try:
             state, value = run_trial(spec, trial, number, values, stopping)
         finally:
             heartbeat.stop()
         if state is None:  # stopped by a signal: left RUNNING, failed and retried by the next search command
             return 130
-        study.tell(trial, value, state=state)
-    return 130
+        if store.get_trial(trial._trial_id).state.is_finished():
+            logger.warning("trial %d: another worker failed it meanwhile (no heartbeat within %g s) and retries it",
+                           number, databases.grace_seconds())
+        else:
+            study.tell(trial, value, state=state)
+        failures = failures + 1 if state == TrialState.FAIL else 0
+        if failures >= FAILURES_IN_A_ROW:
+            return EXIT_FAILING
+    return 130 if stopping else 0
 
 
 def run_trial(spec: SearchSpec, trial, number: int, values: dict, stopping: list):
@@ -361,37 +561,24 @@ def run_trial(spec: SearchSpec, trial, number: int, values: dict, stopping: list
 
     folder = spec.trial_folder(number)
     record = trials.TrialRecord(number=number, params=values, folder=str(folder), engine="optuna",
-                                        study_trial=trial.number)
-    record.save()
-    run = RunProcess.start(spec.config, spec.trial_overrides(values, folder), folder, cwd=spec.cwd)
+                                study_trial=trial.number)
+    watch = TrialRun.start(record, spec.config, spec.trial_overrides(values, folder), spec.metric, spec.cwd,
+                           publish=lambda r: trial.set_user_attr(RECORD_ATTR, asdict(r)))
     logger.info("trial %d: started %s (log: %s)", number, record.setting, folder / "train.log")
-    reported = 0
-    while run.poll() is None:
-        if stopping:
-            run.stop()
-            return None, None
-        rows = run.evaluations()
-        for row in rows[reported:]:
-            reported += 1
-            value = row.get(spec.metric)
-            if value is not None:
-                trial.report(value, step=reported)
-                record.curve.append(value)
-            if value is not None and not is_last_evaluation(folder, row) and trial.should_prune():
-                run.stop()
-                record.finish("pruned", value, run.seconds,
-                              f"pruned by the {spec.pruner} pruner after evaluation {reported} "
-                              f"({spec.metric} {value:.4f})")
-                logger.info("trial %d: %s", number, record.reason)
-                return TrialState.PRUNED, None
-        time.sleep(0.5)
-    code = run.wait()
-    record.curve = [row.get(spec.metric) for row in run.evaluations()]
-    if code != 0:
-        record.finish("failed", None, run.seconds, f"exit {code}: {run.last_log_line()}")
-        logger.warning("trial %d: failed (%s)", number, record.reason)
+    for step, value in watch.evaluations(lambda: bool(stopping)):
+        if value is None:
+            continue
+        trial.report(value, step=step)
+        if trial.should_prune():
+            watch.prune(f"pruned by the {spec.pruner} pruner after evaluation {step}")
+            return TrialState.PRUNED, None
+    if stopping:
+        watch.stop("stopped with its search: it resumes from its checkpoint when the command runs again")
+        return None, None
+    if watch.finish() != "complete":
         return TrialState.FAIL, None
-    score = final_score(folder)
-    record.finish("complete", score, run.seconds, "")
-    logger.info("trial %d: %s %.4f (%.0f s)", number, spec.metric, score, run.seconds)
-    return TrialState.COMPLETE, score
+    # The evaluations the run wrote after the last poll (its last one at least): the pruner compares later trials with them.
+    for step, value in enumerate(record.curve[watch.offered:], start=watch.offered + 1):
+        if value is not None:
+            trial.report(value, step=step)
+    return TrialState.COMPLETE, record.value

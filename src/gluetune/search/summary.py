@@ -12,6 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ..config.arguments import lower_is_better
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..results import rundir
@@ -54,7 +55,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def summarize(sweep_dir: Path, settings: list, seeds: list[int]) -> list[dict]:
     """One row per setting (anything with a `.name`: its folder in `sweep_dir`) over its finished seeds
-    (`seed-<n>`); the best median of the primary metric is marked."""
+    (`seed-<n>`); the best median of the primary metric is marked (the lowest for a loss or mse)."""
     rows = []
     for setting in settings:
         finished = []
@@ -78,7 +79,8 @@ def summarize(sweep_dir: Path, settings: list, seeds: list[int]) -> list[dict]:
         rows.append(row)
     if rows:
         key = f"{rows[0]['metric']}_median"
-        best = max(rows, key=lambda r: r[key])
+        # the metric's own direction, as the runs choose their best checkpoint (a loss or mse: lowest)
+        best = (min if lower_is_better(rows[0]["metric"]) else max)(rows, key=lambda r: r[key])
         for row in rows:
             row["best"] = row is best
     return rows

@@ -131,9 +131,16 @@ def importances(trials: list[TrialRecord], space, maximize: bool) -> dict[str, f
     return {k: float(v) for k, v in found.items()}
 
 
-def write_best_config(search_dir: Path, best: TrialRecord) -> Path:
-    """The best trial's resolved config, writing to `<search_dir>/best` instead of the trial's folder."""
-    config = yaml.safe_load((Path(best.folder) / CONFIG_FILENAME).read_text())
+def write_best_config(search_dir: Path, best: TrialRecord, config_of=None) -> Path | None:
+    """The best trial's resolved config, writing to `<search_dir>/best` instead of the trial's folder:
+    read from the trial's folder, or made by `config_of(best)` where the folder is on another machine."""
+    saved = Path(best.folder) / CONFIG_FILENAME
+    if saved.is_file():
+        config = yaml.safe_load(saved.read_text())
+    elif config_of is not None:
+        config = config_of(best)
+    else:
+        return None
     out = (Path(search_dir) / "best").resolve()
     config["training"]["output_dir"] = str(out)
     config["training"]["logging_dir"] = str(out / "logs")
@@ -144,21 +151,23 @@ def write_best_config(search_dir: Path, best: TrialRecord) -> Path:
     return path
 
 
-def write_results(search_dir: Path, metric: str, maximize: bool, space) -> list[dict]:
-    """trials.csv/.md, importances.json and best_config.yaml; the table's rows."""
-    trials = ranked(read_trials(search_dir), maximize)
+def write_results(search_dir: Path, metric: str, maximize: bool, space, records: list[TrialRecord] | None = None,
+                  config_of=None) -> list[dict]:
+    """trials.csv/.md, importances.json and best_config.yaml from `records` (default: the trial
+    folders' records); the table's rows."""
+    trials = ranked(read_trials(search_dir) if records is None else records, maximize)
     if not trials:
         return []
     rows = trial_rows(trials, metric)
     write_table(Path(search_dir), rows, TRIALS_CSV, TRIALS_MD, trials_markdown(rows))
     atomic_write_json(Path(search_dir) / IMPORTANCES_FILENAME, importances(trials, space, maximize))
     if trials[0].state == "complete":  # ranked: the best complete trial first
-        write_best_config(search_dir, trials[0])
+        write_best_config(search_dir, trials[0], config_of)
     return rows
 
 
-def best_trials(search_dir: Path, maximize: bool, count: int) -> list[TrialRecord]:
-    return [t for t in ranked(read_trials(search_dir), maximize) if t.state == "complete"][:count]
+def best_trials(records: list[TrialRecord], maximize: bool, count: int) -> list[TrialRecord]:
+    return [t for t in ranked(records, maximize) if t.state == "complete"][:count]
 
 
 def confirmation(trial: TrialRecord, row: dict) -> dict:
