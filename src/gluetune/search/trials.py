@@ -128,7 +128,8 @@ def importances(trials: list[TrialRecord], space, maximize: bool) -> dict[str, f
             found = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):  # every trial with the same values: nothing to apportion
         return {}
-    return {k: float(v) for k, v in found.items()}
+    # most important first; ties by name (the order must not depend on the machine that computes it)
+    return dict(sorted(((k, float(v)) for k, v in found.items()), key=lambda kv: (-kv[1], kv[0])))
 
 
 def write_best_config(search_dir: Path, best: TrialRecord, config_of=None) -> Path | None:
