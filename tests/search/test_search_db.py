@@ -10,6 +10,7 @@ command killed by SIGKILL whose trial goes stale and is retried by the other.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,13 @@ from test_search import keyword_task, record, search_args, starts, write_space  
 pytest.importorskip("optuna")
 
 SECRET = "Pa55-w0rd-never-shown"
+
+
+def get(url: str):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
 
 
 def table(output: str) -> list[str]:
@@ -47,16 +55,29 @@ def shared_study(postgres, tiny_qwen, keyword_task, tmp_path_factory):  # noqa: 
         return search_args(tiny_qwen, keyword_task, space, folder / machine, 1, 1, "--storage", url, "--pruner", "none",
                            *more)
 
-    first = run_cli(*args("machine-a"))
+    # machine A watched live: `--dashboard` serves optuna-dashboard from the command while it runs
+    command = start(args("machine-a", "--dashboard"))
+    lines = []
+    for line in command.stderr:
+        lines.append(line)
+        if "dashboard: http://" in line:
+            break
+    address = line.split("dashboard: ", 1)[1].split()[0].removesuffix("/dashboard")
+    studies = get(f"{address}/api/studies")["study_summaries"]
+    out, err = command.communicate(timeout=600)
+    first = subprocess.CompletedProcess(command.args, command.returncode, out, "".join(lines) + err)
     assert first.returncode == 0, first.stderr[-3000:]
-    return SimpleNamespace(url=url, args=args, first=first, folder=folder)
+    with pytest.raises(OSError):  # stopped with the command
+        get(f"{address}/api/studies")
+    return SimpleNamespace(url=url, args=args, first=first, folder=folder, studies=studies)
 
 
 def test_a_second_machine_resumes_the_study_with_no_repeat_and_reports_it(shared_study):
     assert "| 0 **(best)** | complete | 1.0000 | 1 |" in shared_study.first.stdout
-    assert f"study 'gluetune-search' in {shared_study.url}" in shared_study.first.stderr  # (no password to mask)
+    assert [s["study_name"] for s in shared_study.studies] == ["gluetune-search"]  # served while it ran
     second = run_cli(*shared_study.args("machine-b"))
     assert second.returncode == 0, second.stderr[-3000:]
+    assert f"study 'gluetune-search' in {shared_study.url}" in second.stderr  # (no password to mask)
     machine_b = shared_study.folder / "machine-b"
     assert not (machine_b / "trials").exists()  # the budget was spent on machine A: nothing ran again
     assert [t.state.name for t in load(shared_study.url).get_trials()] == ["COMPLETE"]

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REFERENCE_CONFIG, ROOT, assert_one_line_error, run_cli
@@ -34,18 +35,15 @@ def test_a_search_whose_every_trial_fails_stops_with_the_last_error(tiny_qwen, k
 def _saved_search(search_dir, engine: str | None, **values) -> None:
     """search.json as a search of `engine` left it (None: as gluetune wrote it before it kept the engine)."""
     from gluetune.search.space import read_space
-    from gluetune.search.study import SearchSpec
 
-    space = read_space(search_dir.parent / "space.yaml")
-    spec = SearchSpec(config=str(REFERENCE_CONFIG), overrides=[], space=space.to_dict(),
-                      space_source=str(search_dir.parent / "space.yaml"), metric="matthews_correlation",
-                      direction="maximize", search_dir=str(search_dir), trials=2, **values)
-    search_dir.mkdir(parents=True)
-    saved = spec.saved()
-    if engine is None:
-        del saved["engine"], saved["jobs"]
-    else:
+    space = search_dir.parent / "space.yaml"
+    saved = {"config": str(REFERENCE_CONFIG), "overrides": [], "space": read_space(space).to_dict(),
+             "space_source": str(space), "metric": "matthews_correlation", "direction": "maximize",
+             "search_dir": str(search_dir), "trials": 2, "pruner": "median", "startup_trials": 3, "seed": 0,
+             "storage": None, "study_name": "gluetune-search", "cwd": str(ROOT), **values}
+    if engine is not None:
         saved["engine"] = engine
+    search_dir.mkdir(parents=True)
     (search_dir / "search.json").write_text(json.dumps(saved))
     (search_dir / "trials" / "trial-0").mkdir(parents=True)
     (search_dir / "trials" / "trial-0" / "trial.json").write_text("{}")  # a trial Ray's trial 0 would overwrite
@@ -205,3 +203,48 @@ def test_ctrl_c_on_a_ray_search_says_interrupted_and_exits_non_zero(tiny_qwen, k
     assert again.returncode == 0, again.stderr[-3000:]
     assert record(search_dir, 0)["state"] == "complete"
     assert "resuming from" in (search_dir / "trials" / "trial-0" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_with_a_token_names_the_token_when_it_refuses_the_search(tmp_path):
+    """A head started where ~/.ray/auth_token exists turns token authentication on (Ray 2.60); a search
+    from a machine without the token is refused by Ray as 'Failed to connect' (about 20 s)."""
+    pytest.importorskip("ray.tune")
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+    from test_search import free_port
+
+    head_home, home = tmp_path / "head", tmp_path / "client"
+    (head_home / ".ray").mkdir(parents=True)
+    home.mkdir()
+    (head_home / ".ray" / "auth_token").write_text(generate_new_authentication_token())
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    port = free_port()
+    temp = tmp_path.parent / f"ray-token-{port}"  # (a Unix socket's path must stay under 108 characters)
+    node = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus", "1", "--port", str(port),
+         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp)],
+        env={**base, "HOME": str(head_home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        for line in node.stdout:
+            if "Ray runtime started" in line:
+                break
+        write_space(tmp_path / "space.yaml", [0.005])
+        refused = run_cli("-m", "gluetune", "search", "--config", str(REFERENCE_CONFIG), "--space",
+                          str(tmp_path / "space.yaml"), "--search_dir", str(tmp_path / "search"), "--engine", "ray",
+                          "--address", f"127.0.0.1:{port}", env={**base, "HOME": str(home)}, timeout=300)
+        assert_one_line_error(refused, f"the Ray cluster at 127.0.0.1:{port} refused this machine's authentication token",
+                              "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(node.pid, sig)
+                node.wait(timeout=20)
+                time.sleep(1)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
