@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def study_like_gluetunes(storage) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="gluetune-search", storage=storage, direction="maximize")
-    study.set_metric_names(["matthews_correlation"])
+    with warnings.catch_warnings():  # (marked experimental)
+        warnings.simplefilter("ignore")
+        study.set_metric_names(["matthews_correlation"])
     for number, (rate, score) in enumerate(((0.005, 1.0), (0.0, 0.6255))):
         trial = study.ask()
         trial.suggest_categorical("training.learning_rate", [0.005, 0.0])
