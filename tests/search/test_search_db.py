@@ -222,9 +222,9 @@ def test_a_killed_machine_s_trial_goes_stale_and_the_other_machine_retries_it(po
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == number]
     assert retry.state.name == "COMPLETE" and retry.params == failed.params
     # failed once its heartbeat was older than the grace period (its last beat came within a heartbeat of
-    # the kill), by the other machine as soon as it looked: before its next trial, or while it waited
+    # the kill), by the other machine's next heartbeat (it was running a trial) or its next look
     waited = failed.datetime_complete.timestamp() - killed_at
-    assert grace - heartbeat <= waited <= grace + 60, waited
+    assert grace - heartbeat <= waited <= grace + heartbeat + 5, waited
     print(f"\nkill -9 -> trial {number} failed after {waited:.1f} s (heartbeat {heartbeat:g} s, grace {grace:g} s)")
     # nothing lost: every point complete once, the killed one on machine B from the start
     assert (machines[1] / "trials" / killed / "trial.json").is_file() and record(machines[1], number)["state"] == "complete"

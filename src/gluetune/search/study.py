@@ -452,17 +452,22 @@ def confirm(spec: SearchSpec, seeds: list[int], top: int, jobs: int) -> list[dic
 
 
 class _Heartbeat:
-    """Records a database trial's heartbeat while it runs (study.optimize does this, ask/tell not)."""
+    """Records a database trial's heartbeat while it runs (study.optimize does this, ask/tell not),
+    and with each beat fails the trials of the study whose heartbeat went stale (a dead machine's):
+    they are enqueued again within a heartbeat of the grace period, whatever this trial's length."""
 
-    def __init__(self, store, trial_id: int):
+    def __init__(self, store, trial_id: int, study):
         self._stop = threading.Event()
         if hasattr(store, "record_heartbeat") and store.get_heartbeat_interval():
+            import optuna
+
             interval = store.get_heartbeat_interval()
 
             def beat():
                 while not self._stop.wait(interval):
                     try:
                         store.record_heartbeat(trial_id)
+                        optuna.storages.fail_stale_trials(study)
                     except Exception as err:  # noqa: BLE001 (the server away a moment: beat again next time)
                         logger.warning("heartbeat of trial id %d not recorded (%s)", trial_id,
                                        str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -536,7 +541,7 @@ def worker_main(search_dir: str, index: int, seed: int | None = None) -> int:
         values = {p.key: p.value_of(p.suggest(trial)) for p in space.parameters}
         first = databases.retry_callback_class().retried_trial_number(study.get_trials(deepcopy=False)[trial.number])
         number = trial.number if first is None else first  # a retried trial resumes its first trial's run
-        heartbeat = _Heartbeat(store, trial._trial_id)
+        heartbeat = _Heartbeat(store, trial._trial_id, study)
         try:
             state, value = run_trial(spec, trial, number, values, stopping)
         finally:
