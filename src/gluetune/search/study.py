@@ -567,8 +567,15 @@ def run_trial(spec: SearchSpec, trial, number: int, values: dict, stopping: list
     folder = spec.trial_folder(number)
     record = trials.TrialRecord(number=number, params=values, folder=str(folder), engine="optuna",
                                 study_trial=trial.number)
+
+    def publish(r: trials.TrialRecord) -> None:
+        try:
+            trial.set_user_attr(RECORD_ATTR, asdict(r))
+        except RuntimeError:  # failed meanwhile by another worker (its heartbeat went stale): its retry records itself
+            pass
+
     watch = TrialRun.start(record, spec.config, spec.trial_overrides(values, folder), spec.metric, spec.cwd,
-                           publish=lambda r: trial.set_user_attr(RECORD_ATTR, asdict(r)))
+                           publish=publish)
     logger.info("trial %d: started %s (log: %s)", number, record.setting, folder / "train.log")
     for step, value in watch.evaluations(lambda: bool(stopping)):
         if value is None:
