@@ -122,8 +122,11 @@ def tiny_training_pieces(config):
     return args, tokenizer, model, train_set
 
 
-def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 32, epochs: int = 1) -> list[str]:
-    """--set values that shrink the reference run to seconds on a CoLA slice."""
+def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 32, epochs: int = 1,
+                   fp32: bool = True) -> list[str]:
+    """--set values that shrink the reference run to seconds on a CoLA slice. `fp32`: keep the tiny
+    run in fp32 where the CPU would train the reference config's bf16 (AVX512-BF16): the tests that
+    compare two ways of training compare them exactly; CPU bf16 has tests of its own."""
     return [
         f"model.name_or_path={model}",
         f"dataset.data_dir={GLUE_DIR}",
@@ -132,6 +135,7 @@ def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 
         f"training.num_train_epochs={epochs}",
         f"training.output_dir={output_dir}",
         "training.logging_steps=1",
+        *(["training.bf16=false"] if fp32 else []),
     ]
 
 

@@ -19,10 +19,10 @@ CONTRACT = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importl
 
 def lint_imports(package_parent, config) -> subprocess.CompletedProcess:
     """import-linter over the `gluetune` found in `package_parent`, in a process of its own."""
-    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
-                           f"sys.path.insert(0, {str(package_parent)!r}); "
-                           f"sys.exit(lint_imports(config_filename={str(config)!r}, no_cache=True))"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            f"sys.path.insert(0, {str(package_parent)!r}); "
+            f"sys.exit(lint_imports(config_filename={str(config)!r}, no_cache=True))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_the_packages_keep_the_stack():

@@ -68,6 +68,8 @@ def _search_parser(parser: argparse.ArgumentParser) -> None:
                              "halving; ASHA on Ray) or none (default median)")
     parser.add_argument("--startup_trials", type=int, default=3,
                         help="trials sampled at random and never pruned before the sampler and pruner learn (default 3)")
+    parser.add_argument("--prune_after", type=int, default=1,
+                        help="evaluations every trial completes before the pruner may stop it (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0; worker i uses seed + i)")
     parser.add_argument("--storage", help="a database URL (postgresql://...) to share the study between machines; "
                                           "default: a journal file in --search_dir")
@@ -238,7 +240,7 @@ def run_search(args) -> int:
     from .search import study, trials
     from .search.space import check_against_config, read_space
 
-    for name in ("trials", "jobs", "startup_trials", "confirm_top"):
+    for name in ("trials", "jobs", "startup_trials", "confirm_top", "prune_after"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "startup_trials" else 1):
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive integer")
     read_yaml_file(args.config)
@@ -261,7 +263,8 @@ def run_search(args) -> int:
         config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=space.to_dict(),
         space_source=str(Path(args.space).resolve()), metric=metric,
         direction="minimize" if lower_is_better(metric) else "maximize", search_dir=str(Path(args.search_dir).resolve()),
-        trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed,
+        trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials, prune_after=args.prune_after,
+        seed=args.seed,
         storage=args.storage)
     if args.engine == "ray":
         ray_tune.run_search(spec, args.jobs, args.address, args.cpus_per_trial, args.gpus_per_trial)

@@ -14,6 +14,7 @@ from gluetune.config.run import load_config
 from gluetune.config.tasks import get_task
 from gluetune.data.loading import read_glue_split
 from gluetune.results.prediction import Classifier
+from gluetune.training.machine import cpu_bf16
 from gluetune.training.run import train
 
 
@@ -33,7 +34,7 @@ def cli_run(tiny_qwen, tmp_path_factory):
     """The reference config through the real `train.py`, shrunk by --set only."""
     out = tmp_path_factory.mktemp("cli") / "run"
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG),
-                     *as_set_args(tiny_overrides(tiny_qwen, out, train=96, evals=48, epochs=2)))
+                     *as_set_args(tiny_overrides(tiny_qwen, out, train=96, evals=48, epochs=2, fp32=False)))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -41,7 +42,10 @@ def cli_run(tiny_qwen, tmp_path_factory):
 def test_cli_run_writes_the_promised_outputs(cli_run):
     out, result = cli_run
     assert "trainable params: 3,648 ||" in result.stderr  # 2 layers x LoRA q,k,v,o + score, computed
-    assert "bf16 is not supported on this device (cpu); training in fp32" in result.stderr
+    bf16 = cpu_bf16()  # the reference config asks for bf16: the CPU trains in it where it computes it natively
+    line = (f"bf16 on this CPU ({bf16}): training under CPU autocast to bf16" if bf16 else
+            "bf16 is not native on this CPU (no AVX512-BF16 or AMX); training in fp32")
+    assert line in result.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
                  "resolved_config.yaml", "metrics.json"):
         assert (out / name).is_file(), name
@@ -52,7 +56,8 @@ def test_cli_run_writes_the_promised_outputs(cli_run):
         assert -1 <= metrics["validation"][key] <= 1
     assert metrics["train"]["runtime_s"] > 0 and metrics["train"]["steps"] == 6  # 96 / 32 x 2 epochs
     assert metrics["best_checkpoint"].startswith("checkpoint-")
-    assert metrics["precision"] == "fp32" and metrics["trainable_parameters"] == 3648
+    assert metrics["precision"] == ("bf16" if bf16 else "fp32") and metrics["trainable_parameters"] == 3648
+    assert json.loads((out / "run_record.json").read_text())["precision"] == metrics["precision"]
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert resolved["training"]["bf16"] is True and resolved["dataset"]["max_train_samples"] == 96
 

@@ -74,6 +74,19 @@ def read_record(folder: Path) -> dict:
         return {}
 
 
+def trained_precision(folder: Path) -> str | None:
+    """The precision (bf16, fp16, fp32) the run in `folder`, or the run a checkpoint-N folder belongs
+    to, trained in: from metrics.json, else from its run record; None for a folder gluetune did not write."""
+    for candidate in (Path(folder), Path(folder).parent):
+        try:
+            found = json.loads((candidate / METRICS_FILENAME).read_text()).get("precision")
+        except (OSError, ValueError):
+            found = read_record(candidate).get("precision")
+        if found:
+            return found
+    return None
+
+
 def read_metrics(folder: Path) -> dict:
     path = Path(folder) / METRICS_FILENAME
     try:

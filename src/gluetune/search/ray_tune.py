@@ -98,9 +98,11 @@ def _scheduler(spec: SearchSpec):
     if spec.pruner == "halving":
         # ASHA stops a trial when it reaches max_t: one past the last evaluation, so that a trial
         # that survives every rung ends by itself, with its final metrics written.
-        return ASHAScheduler(time_attr=EVALUATION, max_t=max_evaluations(spec) + 1, grace_period=1, reduction_factor=3)
+        return ASHAScheduler(time_attr=EVALUATION, max_t=max_evaluations(spec) + 1, grace_period=spec.prune_after,
+                             reduction_factor=3)
     if spec.pruner == "median":
-        return MedianStoppingRule(time_attr=EVALUATION, grace_period=1, min_samples_required=spec.startup_trials)
+        return MedianStoppingRule(time_attr=EVALUATION, grace_period=spec.prune_after,
+                                  min_samples_required=spec.startup_trials)
     return FIFOScheduler()
 
 

@@ -96,10 +96,11 @@ def check_same_batch(folder: Path, batch: dict[str, int]) -> None:
 
 
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
-                 batch: dict[str, int], quantization: str | None = None) -> None:
+                 batch: dict[str, int], precision: str, quantization: str | None = None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
-    (the resolved config sits beside it), what a step holds (per device, accumulation, processes)
-    and the base's quantization in words. A resumed run appends its command."""
+    (the resolved config sits beside it), what a step holds (per device, accumulation, processes),
+    the precision it trains in on this machine and the base's quantization in words. A resumed run
+    appends its command."""
     import platform
     import sys
     import time
@@ -114,6 +115,7 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "cwd": os.getcwd(),
         "seed": seed,
         "batch": batch,
+        "precision": precision,
         "config": CONFIG_FILENAME,
         "python": platform.python_version(),
         "packages": versions,
