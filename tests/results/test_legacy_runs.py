@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import GLUE_DIR, run_cli
+from conftest import GLUE_DIR
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_runs"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
@@ -31,20 +31,20 @@ def copy_of(name: str, tmp_path: Path) -> Path:
     return folder
 
 
-def test_a_legacy_run_predicts_what_it_predicted(tmp_path):
+def test_a_legacy_run_predicts_what_it_predicted(tmp_path, cli):
     folder = copy_of("finished", tmp_path)
     for expected in EXPECTED["predictions"]:
-        result = run_cli("-m", "gluetune", "predict", "--model_path", str(folder), "--input_text", expected["text"])
+        result = cli("-m", "gluetune", "predict", "--model_path", str(folder), "--input_text", expected["text"])
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip() == expected["output"]
 
 
-def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path):
+def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path, cli):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder, export = copy_of("finished", tmp_path), tmp_path / "legacy-export"
-    result = run_cli("-m", "gluetune", "export", "--model_path", str(folder), "--output_dir", str(export))
+    result = cli("-m", "gluetune", "export", "--model_path", str(folder), "--output_dir", str(export))
     assert result.returncode == 0, result.stderr[-2000:]
     model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -56,9 +56,9 @@ def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path):
         assert expected["output"] == f"label={label} probability={probabilities.max():.4f}"
 
 
-def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finished(tmp_path):
+def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finished(tmp_path, cli):
     folder = copy_of("interrupted", tmp_path)
-    result = run_cli("-m", "gluetune", "train", "--config", str(folder / "resolved_config.yaml"),
+    result = cli("-m", "gluetune", "train", "--config", str(folder / "resolved_config.yaml"),
                      "--set", f"training.output_dir={folder}", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "checkpoint-4" in result.stderr

@@ -122,9 +122,9 @@ def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
     np.testing.assert_allclose(recomputed, [r["logits"] for r in sorted(saved, key=lambda r: r["idx"])], atol=1e-5)
 
 
-def test_inference_script_prints_label_and_probability(cli_run):
+def test_inference_script_prints_label_and_probability(cli_run, cli):
     out, _ = cli_run
-    result = run_cli("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
+    result = cli("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
                      "--input_text", "The book was written by John.")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
@@ -196,3 +196,36 @@ def test_one_process_seeing_several_gpus_reports_the_batch_it_trains_with(tiny_q
     assert summary["train"]["steps"] == 1 and summary["train"]["effective_batch_size"] == 64
     assert "effective batch 64 = 16 per device x 2 accumulation x 1 process(es) x 2 GPUs (DataParallel)" in caplog.text
     assert "| batch | 16 per device x 2 accumulation x 1 process(es) x 2 GPUs = 64 |" in (out / "README.md").read_text()
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_in(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """The reference config asks for bf16. Started where bf16 is not native (fp32), stopped by SIGTERM after
+    its first checkpoint (step 2; the stop saves step 3), resumed where it is (a CPU with AVX512-BF16, patched here): it ends in fp32, as
+    it started, and says so; the record keeps the precision it started in."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from gluetune.errors import RunInterrupted
+    from gluetune.training import machine
+
+    class StopAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the stop saves once more: one signal only
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_qwen, out, train=64, evals=16, epochs=2, fp32=False)
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    with pytest.raises(RunInterrupted):
+        train(load_config(REFERENCE_CONFIG, overrides), callbacks=[StopAfterFirstSave()])
+    assert json.loads((out / "run_record.json").read_text())["precision"] == "fp32"
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    config = load_config(REFERENCE_CONFIG, overrides)
+    config.control.resume = "auto"
+    with caplog.at_level("INFO", logger="gluetune"):
+        metrics = train(config).metrics
+    assert "resuming in fp32, the precision this run started in" in caplog.text
+    assert metrics["precision"] == "fp32" and metrics["train"]["resumed_from"] == "checkpoint-3"
+    assert json.loads((out / "run_record.json").read_text())["precision"] == "fp32"
