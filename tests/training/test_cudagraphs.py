@@ -43,17 +43,25 @@ def test_gradient_buffers_survive_zero_grad_set_to_none():
 
 
 class EagerReplays(cudagraphs.GraphedSteps):
-    """A graph per shape without CUDA: "capture" keeps the static buffers, a "replay" runs the very
-    step a capture records (zero the buffers, loss over `items`, backward) from them."""
+    """A graph per shape without CUDA: "capture" keeps the static buffers (the stand-in's "graph"), a
+    "replay" runs the very step a capture records (zero the buffers, loss over `items`, backward) from
+    them and, as a replay does, writes the gradients into the captured gradient buffers whatever
+    `.grad` holds: no new `.grad` tensor. So a step whose `.grad` is not its buffer (the Trainer's
+    zero_grad(set_to_none=True) left None) reaches the optimizer without gradients, as on a GPU."""
 
     replays = 0
 
     def record(self, static):
-        return None, None
+        return static, None
 
-    def replay(self, static, graph, loss):
+    def replay(self, graph, loss):
         EagerReplays.replays += 1
-        return self.forward_backward(static)
+        found = [p.grad for p in self.grads.parameters]
+        self.grads.attach()  # the captured backward writes into the buffers
+        loss = self.forward_backward(graph)
+        for parameter, grad in zip(self.grads.parameters, found):
+            parameter.grad = grad  # what the caller left there, as a replay leaves it
+        return loss
 
 
 def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, monkeypatch):
@@ -61,11 +69,13 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
     every step runs from the static buffers and gradient buffers, and the run ends as a plain one."""
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
     monkeypatch.setattr(machine, "check_cuda_graphs", lambda config, args: None)  # this machine has no CUDA
-    captured = []
+    captured, shapes, trainers = [], [], []
     real_use_graphs = cudagraphs.use_graphs
 
     def use_eager_replays(trainer, train_batches):
         captured.append(real_use_graphs(trainer, train_batches, kind=EagerReplays))
+        shapes.extend(captured[-1].graphs)
+        trainers.append(trainer)
         return captured[-1]
 
     monkeypatch.setattr(cudagraphs, "use_graphs", use_eager_replays)
@@ -74,8 +84,9 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
         out = tmp_path / name
         config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, **UNEVEN_SIZE) + ["peft.lora_dropout=0", *extra])
         runs[name] = (out, training.train(config).metrics)
-    steps = captured[0]
-    assert steps is not None and steps.graphs  # one per shape of the step plan
-    assert all(rows == 32 and width % fastpath.BUCKET == 0 for rows, width in steps.graphs)
+    assert captured[0] is not None and shapes  # one per shape of the step plan
+    assert all(rows == 32 and width % fastpath.BUCKET == 0 for rows, width in shapes)
     assert EagerReplays.replays == runs["graphed"][1]["train"]["steps"]  # every step was a "replay"
     assert_same_training(runs["plain"], runs["graphed"], rel=1e-4)
+    # released when training ended: no graph, and no reference cycle keeping them with the trainer
+    assert not captured[0].graphs and captured[0].trainer is None and trainers[0].graphed_steps is None

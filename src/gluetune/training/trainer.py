@@ -137,8 +137,19 @@ class GluetuneTrainer(Trainer):
 
     def use_graphed_steps(self, steps) -> None:
         """`steps(inputs, num_items_in_batch)` runs forward and backward of a batch (a captured CUDA
-        graph, cudagraphs.GraphedSteps) and returns the loss, or None for a batch it cannot run."""
+        graph, cudagraphs.GraphedSteps) and returns the loss, or None for a batch it cannot run;
+        `steps.release()` lets go of them when training ends."""
         self.graphed_steps = steps
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # The graphs (and their memory pool) hold the trainer and it holds them: without this they
+            # would live until the cycle is collected, through the final predictions and after.
+            if self.graphed_steps is not None:
+                self.graphed_steps.release()
+                self.graphed_steps = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = None

@@ -19,7 +19,8 @@ never what it learns (same examples per optimizer step, same schedule):
 - **A rehearsal before training** (`rehearse`): every training shape runs forward and backward once,
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
-  lost. The rehearsal changes no weight, gradient or random stream, and no step is counted.
+  lost. The rehearsal changes no weight, gradient or random stream, and no step is counted
+  (rollback.attempt).
 - **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
   evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
 
@@ -31,13 +32,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from transformers import DataCollatorWithPadding
 
-from .. import distributed
+from .rollback import attempt
 
 logger = logging.getLogger("gluetune")
 
@@ -150,13 +151,6 @@ def padded(length: int, bucket: int = BUCKET) -> int:
     return -(-length // bucket) * bucket
 
 
-def training_shapes(lengths: Iterable[int], rows: int, bucket: int = BUCKET) -> list[tuple[int, int]]:
-    """Every (rows, width) a training micro-batch can have: the step plan the rehearsal compiles
-    (and cudagraphs.py captures) once each. A micro-batch is as wide as its longest example's bucket,
-    so the widths are the buckets of the examples' lengths; filler rows make every one `rows` tall."""
-    return sorted({(rows, padded(n, bucket)) for n in lengths})
-
-
 def evaluation_batches(lengths: list[int], batch_size: int) -> list[range]:
     """One index range per distinct (rows, width) among an evaluation set's in-order batches."""
     seen, picked = set(), []
@@ -192,19 +186,6 @@ def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dic
     return train_batches, eval_batches
 
 
-class RandomState:
-    """The CPU and CUDA random streams, to put back after a rehearsal drew from them."""
-
-    def __init__(self):
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-
 def rehearsal_loss(trainer, batch: dict) -> torch.Tensor:
     """The loss of one batch, computed as the Trainer's training and evaluation steps compute it.
 
@@ -217,32 +198,6 @@ def rehearsal_loss(trainer, batch: dict) -> torch.Tensor:
     inputs = {k: v.to(trainer.args.device) for k, v in batch.items()}
     with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
         return trainer.compute_loss(trainer.model, inputs, num_items_in_batch=torch.ones((), device=trainer.args.device))
-
-
-def attempt(trainer, action: Callable[[], None]) -> str | None:
-    """Run `action` (a rehearsal) leaving the run's starting point as it was; None if it worked on
-    every process, else what failed (the same answer on every process).
-
-    No optimizer exists yet, the gradients are dropped, the random streams put back, the weights
-    only read: the run then starts exactly where it would have without the rehearsal."""
-    model = trainer.model
-    random_state, was_training = RandomState(), model.training
-    failure = None
-    try:
-        action()
-    except Exception as err:  # noqa: BLE001 -- compilers and graph capture fail in many ways; each means: run without them
-        message = str(err).strip()
-        failure = f"{type(err).__name__}: {message.splitlines()[0]}" if message else type(err).__name__
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    try:
-        random_state.restore()
-    except Exception as err:  # noqa: BLE001 -- e.g. a generator a failed capture left registered: say so rather than crash
-        failure = failure or f"restoring the random streams: {type(err).__name__}: {err}".splitlines()[0]
-    if distributed.any_process(failure is not None):
-        return failure or "another process failed"
-    return None
 
 
 def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layers: list[torch.nn.Module]) -> bool:
