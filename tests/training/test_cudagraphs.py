@@ -4,14 +4,18 @@ run (with a stand-in that runs each "replay" eagerly from the same static buffer
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from conftest import REFERENCE_CONFIG, UNEVEN_SIZE, assert_same_training, tiny_overrides
+from conftest import REFERENCE_CONFIG, UNEVEN_SIZE, assert_same_training, tiny_overrides, tiny_training_pieces
 
 from gluetune.config.run import load_config
+from gluetune.errors import UserError
 from gluetune.training import machine
 from gluetune.training import run as training
 from gluetune.training.speed import cudagraphs, fastpath
+from gluetune.training.trainer import GluetuneTrainer
 
 
 def test_static_batch_copies_into_the_same_storage():
@@ -90,3 +94,56 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
     assert_same_training(runs["plain"], runs["graphed"], rel=1e-4)
     # released when training ended: no graph, and no reference cycle keeping them with the trainer
     assert not captured[0].graphs and captured[0].trainer is None and trainers[0].graphed_steps is None
+
+
+ONE_GPU = {"deepspeed": None, "world_size": 1, "n_gpu": 1, "optim": "adamw_torch_fused"}
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ({"n_gpu": 2}, ["sees 2 GPUs", "DataParallel", "CUDA_VISIBLE_DEVICES=0", "cuda_graphs=false"]),
+    ({"deepspeed": "ds_config.json"}, ["DeepSpeed runs the backward pass itself", "remove training.deepspeed"]),
+    ({"optim": "lomo"}, ["training.optim lomo updates the weights inside the backward pass", "cuda_graphs=false"]),
+    ({"optim": "adalomo"}, ["training.optim adalomo"]),
+    ({"optim": "galore_adamw_layerwise"}, ["training.optim galore_adamw_layerwise"]),
+], ids=["data-parallel", "deepspeed", "lomo", "adalomo", "layerwise"])
+def test_cuda_graphs_refuse_what_a_captured_step_cannot_serve(monkeypatch, change, fragments):
+    """One line each, before anything loads: several GPUs in one process (DataParallel would split each
+    batch over them, the step is captured on one), DeepSpeed (its backward is accelerator.backward,
+    which a replay skips), and optimizers that update inside the backward pass."""
+    from transformers.training_args import OptimizerNames
+
+    monkeypatch.setattr(machine, "cuda_available", lambda: True)
+    config = load_config(REFERENCE_CONFIG, ["training.fast_path=true", "training.cuda_graphs=true"])
+    machine.check_cuda_graphs(config, SimpleNamespace(**ONE_GPU))  # one GPU, the fused AdamW: fine
+    if "optim" in change:
+        change = {"optim": OptimizerNames(change["optim"])}  # as TrainingArguments holds it
+    with pytest.raises(UserError) as caught:
+        machine.check_cuda_graphs(config, SimpleNamespace(**{**ONE_GPU, **change}))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{config.source}: training.cuda_graphs: "), message
+    assert all(fragment in message for fragment in fragments), message
+
+
+def test_a_graphed_step_puts_model_and_optimizer_in_training_mode(tiny_qwen, tmp_path):
+    """As the Trainer's own training_step does: after an evaluation the model is in eval mode, and a
+    schedule-free optimizer (which has train()/eval()) holds its averaged weights until train()."""
+    config = load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "run", train=32) + [
+        "training.fast_path=true", "training.report_to=none"])
+    args, tokenizer, model, train_set = tiny_training_pieces(config)
+    trainer = GluetuneTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=train_set,
+                              data_collator=fastpath.collator(config, tokenizer, args, False))
+
+    class ScheduleFree:  # the one part of a schedule-free optimizer the step touches
+        mode = "eval"
+
+        def train(self):
+            self.mode = "train"
+
+    seen = []
+    trainer.optimizer = ScheduleFree()
+    trainer.use_graphed_steps(lambda inputs, items: seen.append((model.training, trainer.optimizer.mode)) or
+                              torch.tensor(0.5))
+    model.eval()
+    batch = trainer.data_collator(fastpath.features_of(train_set, range(4)))
+    assert trainer.training_step(model, batch, num_items_in_batch=torch.tensor(4)).item() == 0.5
+    assert seen == [(True, "train")]

@@ -154,6 +154,11 @@ class GluetuneTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = None
         if self.graphed_steps is not None:
+            # What the Trainer's own training_step does first: after an evaluation (model.eval(), and
+            # a schedule-free optimizer's eval(), which swaps in its averaged weights) back to training.
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
             loss = self.graphed_steps(self._prepare_inputs(inputs), num_items_in_batch)
         if loss is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
