@@ -308,6 +308,42 @@ def test_without_bitsandbytes_a_quantized_base_is_one_line_and_8bit_optimizers_f
     assert settings == {"optim": "adamw_torch"} and 'pip install "gluetune[qlora]"' in notice
 
 
+def test_without_bitsandbytes_only_its_adamw_falls_back_and_the_others_are_refused(monkeypatch):
+    """torch's AdamW runs the algorithm of bitsandbytes' AdamW (8-bit state or paged); nothing runs Lion,
+    RMSprop or AdEMAMix in its place. Every optimizer of transformers' own bitsandbytes table is one or
+    the other."""
+    from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
+
+    monkeypatch.setattr(optimizers, "installed_version", lambda name: None)
+    table = {str(getattr(name, "value", name)) for name in _BITSANDBYTES_OPTIMIZERS}
+    adamw = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+    assert adamw < table and {"lion_8bit", "rmsprop_bnb", "ademamix_8bit", "paged_lion_32bit"} < table
+    for optim in sorted(table):
+        if optim in adamw:
+            settings, notice = optimizers.optimizer_settings(optim, "cpu")
+            assert settings == {"optim": "adamw_torch"} and "using adamw_torch" in notice
+            continue
+        with pytest.raises(UserError) as caught:
+            optimizers.optimizer_settings(optim, "cpu")
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"training.optim: {optim} needs bitsandbytes"), message
+        assert 'pip install "gluetune[qlora]"' in message and "no other optimizer runs its algorithm" in message
+
+
+def test_the_card_and_record_show_the_optimizer_that_ran(tiny_qwen, tmp_path, monkeypatch):
+    """adamw_8bit without bitsandbytes trains with adamw_torch: the run record and the card say so."""
+    from conftest import REFERENCE_CONFIG
+
+    from gluetune.training.run import train
+
+    monkeypatch.setattr(optimizers, "installed_version", lambda name: None)
+    out = tmp_path / "run"
+    train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16) + [
+        "training.optim=adamw_8bit", "training.report_to=none"]))
+    assert json.loads((out / "run_record.json").read_text())["optimizer"] == "adamw_torch"
+    assert "| optimizer | adamw_torch (configured: adamw_8bit) |" in (out / "README.md").read_text()
+
+
 def test_8bit_optimizers_say_what_runs_where():
     version = bnb.__version__
     assert optimizers.optimizer_settings("adamw_8bit", "cpu") == ({}, (

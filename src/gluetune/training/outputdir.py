@@ -96,10 +96,11 @@ def check_same_batch(folder: Path, batch: dict[str, int]) -> None:
 
 
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
-                 batch: dict[str, int], quantization: str | None = None) -> None:
+                 batch: dict[str, int], quantization: str | None = None, optimizer: str | None = None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
-    (the resolved config sits beside it), what a step holds (per device, accumulation, processes)
-    and the base's quantization in words. A resumed run appends its command."""
+    (the resolved config sits beside it), what a step holds (per device, accumulation, processes),
+    the base's quantization in words and the optimizer that runs (the config's, or what this machine
+    put in its place: training.optimizers). A resumed run appends its command."""
     import platform
     import sys
     import time
@@ -118,6 +119,7 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "python": platform.python_version(),
         "packages": versions,
         "quantization": quantization,
+        "optimizer": optimizer,
         "data_files": {str(p): sha256_of(p) for p in data_files if Path(p).is_file()},
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
     })
