@@ -195,7 +195,7 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
                 "--overwrite to start it over, or choose another training.output_dir"
             )
         return None
-    processes = recorded_processes(folder)  # read once: every checkpoint of the run was written by as many
+    processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
     for partial in checkpoints(folder):
         missing = missing_from_checkpoint(partial, processes)
         if missing:

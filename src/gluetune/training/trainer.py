@@ -18,14 +18,16 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..data.sampling import LengthGroupedBatches
 from ..errors import UserError
+from ..results import rundir
 
 
 class GluetuneTrainer(Trainer):
@@ -165,6 +167,17 @@ class GluetuneTrainer(Trainer):
         if self.loss_watch is not None:
             self.loss_watch.note(loss, self.state.global_step + 1)
         return loss
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Each checkpoint records how many processes write it, first: a resume on another count
+        # rewrites run_record.json, and the older checkpoints must still be judged complete by their
+        # own count of RNG states (results.rundir).
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            rundir.write_checkpoint_record(folder, self.args.world_size)
+        super()._save_checkpoint(model, trial)
 
     def floating_point_ops(self, inputs) -> int:
         # The Trainer's version counts the model's parameters (a walk over every module) for
