@@ -150,6 +150,13 @@ def test_a_checkpoint_without_every_process_rng_state_is_not_resumed(tmp_path, c
     assert "checkpoint-6" in caplog.text and "no rng_state_1.pth" in caplog.text and not (out / "checkpoint-6").exists()
 
 
+def test_a_checkpoint_records_the_processes_that_wrote_it(finished_tiny_run):
+    """What a resume judges it by (results.rundir; tests/training/test_checkpoints.py)."""
+    checkpoints = sorted(finished_tiny_run.glob("checkpoint-*"))
+    assert checkpoints and all(json.loads((c / "gluetune_checkpoint.json").read_text()) == {"processes": 1}
+                               for c in checkpoints)
+
+
 def test_resume_of_a_folder_without_a_run_starts_without_a_warning(tmp_path, caplog):
     """A sweep starts every run with --resume, its train.log already in the folder: nothing to say.
     A folder that held a run (its config) but no complete checkpoint: the restart is worth a line."""
