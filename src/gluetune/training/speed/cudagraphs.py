@@ -130,9 +130,10 @@ class GraphedSteps:
         return loss
 
     def release(self) -> None:
-        """Let go of the graphs, their memory pool and buffers, and the trainer (the end of training)."""
+        """Let go of the graphs (their memory pool goes with them), their static inputs and gradient
+        buffers, and the trainer: the end of training."""
         self.graphs.clear()
-        self.pool = None
+        self.pool = self.grads = None
         self.trainer = self.model = None
 
     def __call__(self, inputs: dict[str, torch.Tensor], num_items_in_batch) -> torch.Tensor | None:

@@ -128,8 +128,11 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     # long texts (RTE: every bucket up to max_length) reach within an epoch. Room for every graph the
     # run can make, per bucket: two in training (the first layer's input, from the frozen embeddings,
     # does not require grad; the later layers' inputs do: dynamo guards on it), one for full
-    # evaluation batches and one for each validation split's last batch.
-    graphs = padded(config.dataset.max_length) // BUCKET * (2 + 1 + len(config.task.validation_splits))
+    # evaluation batches and one for each validation split's last batch. CUDA graphs capture training
+    # under autocast without its weight cache (cudagraphs.GraphedSteps), which dynamo guards on too:
+    # two more per bucket.
+    training = 2 * (2 if config.training.get("cuda_graphs") else 1)
+    graphs = padded(config.dataset.max_length) // BUCKET * (training + 1 + len(config.task.validation_splits))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     for layer in layers:
         layer.compile(dynamic=False)
