@@ -62,7 +62,9 @@ def _search_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", required=True, help="YAML: section.key: {loguniform|uniform|int|choice: ...}")
     parser.add_argument("--trials", type=int, default=20, help="trials in the study, all workers together (default 20)")
     parser.add_argument("--search_dir", required=True, help="the study, one folder per trial, the summary and report")
-    parser.add_argument("--jobs", type=int, help="trials at once (default: one per GPU, else 1; the cores are shared)")
+    parser.add_argument("--jobs", type=int, help="trials at once (default: optuna: one per GPU, else 1, the cores shared "
+                                                 "out; ray: as many as the cluster holds at --cpus_per_trial and "
+                                                 "--gpus_per_trial)")
     parser.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
                         help="stop trials that fall behind: median (Optuna's MedianPruner), halving (successive "
                              "halving; ASHA on Ray) or none (default median)")
@@ -242,7 +244,8 @@ def run_search(args) -> int:
 
     for name in ("trials", "jobs", "startup_trials", "confirm_top", "prune_after"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "startup_trials" else 1):
-            raise UserError(f"--{name} {getattr(args, name)}: expected a positive integer")
+            expected = "a non-negative integer" if name == "startup_trials" else "a positive integer"
+            raise UserError(f"--{name} {getattr(args, name)}: expected {expected}")
     read_yaml_file(args.config)
     study.require_optuna()  # both engines: Ray Tune searches with Optuna's sampler
     if args.engine == "ray":

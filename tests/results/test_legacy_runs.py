@@ -62,6 +62,8 @@ def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finish
                      "--set", f"training.output_dir={folder}", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "checkpoint-4" in result.stderr
+    record = json.loads((folder / "run_record.json").read_text())
+    assert record["resumed_with"][-1][:2] == ["gluetune", "train"]  # `python -m gluetune`, as a user can paste it
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["best_checkpoint"] == EXPECTED["best_checkpoint"]
     for name, value in EXPECTED["validation"].items():

@@ -151,6 +151,13 @@ def test_a_checkpoint_without_every_process_rng_state_is_not_resumed(tmp_path, c
     assert "checkpoint-6" in caplog.text and "no rng_state_1.pth" in caplog.text and not (out / "checkpoint-6").exists()
 
 
+def test_a_checkpoint_records_the_processes_that_wrote_it(finished_tiny_run):
+    """What a resume judges it by (results.rundir; tests/training/test_checkpoints.py)."""
+    checkpoints = sorted(finished_tiny_run.glob("checkpoint-*"))
+    assert checkpoints and all(json.loads((c / "gluetune_checkpoint.json").read_text()) == {"processes": 1}
+                               for c in checkpoints)
+
+
 def test_resume_of_a_folder_without_a_run_starts_without_a_warning(tmp_path, caplog):
     """A sweep starts every run with --resume, its train.log already in the folder: nothing to say.
     A folder that held a run (its config) but no complete checkpoint: the restart is worth a line."""
@@ -176,8 +183,41 @@ def test_resume_on_another_number_of_processes_is_refused(tiny_qwen, tmp_path, f
     (out / "run_record.json").write_text(json.dumps(record))
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
-    assert_one_line_error(result, "64 = 16 per device x 2 accumulation x 2 process(es)",
-                          "32 = 16 per device x 2 accumulation x 1 process(es)", "torchrun --nproc_per_node 2")
+    line = assert_one_line_error(result, "64 = 16 per device x 2 accumulation x 2 process(es)",
+                                 "32 = 16 per device x 2 accumulation x 1 process(es)", "torchrun --nproc_per_node 2")
+    assert "GPU" not in line  # the GPUs are the same: not named
+
+
+def test_a_resume_refused_for_another_batch_says_what_differs(tmp_path):
+    """Trained by one process driving 2 GPUs (DataParallel), resumed where it sees one: the process
+    count is the same, so the message must not ask for another one; it names the GPUs."""
+    from gluetune.errors import UserError
+    from gluetune.training.outputdir import check_same_batch
+
+    (tmp_path / "run_record.json").write_text(json.dumps(
+        {"batch": {"per_device": 16, "accumulation": 2, "processes": 1, "gpus_per_process": 2}}))
+    with pytest.raises(UserError) as caught:
+        check_same_batch(tmp_path, {"per_device": 16, "accumulation": 2, "processes": 1, "gpus_per_process": 1})
+    message = str(caught.value)
+    assert "64 = 16 per device x 2 accumulation x 1 process(es) x 2 GPUs (DataParallel)" in message
+    assert "2 GPU(s)" in message and "CUDA_VISIBLE_DEVICES" in message and "this one sees 1" in message
+    assert "process(es) (torchrun" not in message and "\n" not in message
+    with pytest.raises(UserError) as caught:  # another accumulation: named, with the setting to change
+        check_same_batch(tmp_path, {"per_device": 16, "accumulation": 1, "processes": 1, "gpus_per_process": 2})
+    assert "set accumulation 2 as the run had" in str(caught.value) and "torchrun" not in str(caught.value)
+    check_same_batch(tmp_path, {"per_device": 16, "accumulation": 2, "processes": 2, "gpus_per_process": 1})  # 64 too
+
+
+def test_the_record_holds_a_command_a_user_can_paste():
+    """`python -m gluetune train ...` (how sweeps and searches start every trial) has gluetune's
+    __main__.py as argv[0]; the record says `gluetune train ...`, which runs as written."""
+    import gluetune
+    from gluetune.training.outputdir import command_line
+
+    main = str(Path(gluetune.__file__).parent / "__main__.py")
+    assert command_line([main, "train", "--config", "c.yaml"]) == ["gluetune", "train", "--config", "c.yaml"]
+    assert command_line([str(ROOT / "train.py"), "--config", "c.yaml"]) == ["train.py", "--config", "c.yaml"]
+    assert command_line(["/venv/bin/gluetune", "train"]) == ["gluetune", "train"]
 
 
 def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path, finished_tiny_run, cli):

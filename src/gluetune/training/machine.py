@@ -116,16 +116,36 @@ def training_arguments(config: RunConfig, quiet: bool = False, precision: str | 
     return args
 
 
+# Optimizers that update the weights inside the backward pass (LOMO and AdaLOMO through
+# accelerator.backward(learning_rate=...), the layer-wise GaLore/APOLLO ones through gradient hooks):
+# a captured step would skip the update, or freeze it, learning rate included, into the graph.
+UPDATE_IN_BACKWARD = ("lomo", "adalomo")
+
+
 def check_cuda_graphs(config: RunConfig, args: TrainingArguments) -> None:
-    """`training.cuda_graphs` where it can run: a CUDA GPU, one process (cudagraphs.py)."""
+    """`training.cuda_graphs` where it can run: a CUDA GPU, one process driving one GPU, the backward
+    pass the Trainer's own (no DeepSpeed), an optimizer that steps after it (cudagraphs.py)."""
     if not config.training.get("cuda_graphs"):
         return
+    where = f"{config.source}: training.cuda_graphs"
     if not cuda_available():
-        raise UserError(f"{config.source}: training.cuda_graphs: CUDA graphs need a CUDA GPU and this machine has none "
-                        f"({device_name()}); set training.cuda_graphs=false (the fast path runs without them)")
+        raise UserError(f"{where}: CUDA graphs need a CUDA GPU and this machine has none ({device_name()}); set "
+                        "training.cuda_graphs=false (the fast path runs without them)")
+    if args.deepspeed:
+        raise UserError(f"{where}: DeepSpeed runs the backward pass itself (accelerator.backward), which a captured "
+                        "step skips; remove training.deepspeed or set training.cuda_graphs=false")
     if args.world_size > 1:
-        raise UserError(f"{config.source}: training.cuda_graphs: captured steps run in one process, this run has "
-                        f"{args.world_size}; set training.cuda_graphs=false")
+        raise UserError(f"{where}: captured steps run in one process, this run has {args.world_size}; set "
+                        "training.cuda_graphs=false")
+    if args.n_gpu > 1:
+        raise UserError(f"{where}: this process sees {args.n_gpu} GPUs and would drive them as DataParallel, but a "
+                        "step is captured on one GPU; show it one (CUDA_VISIBLE_DEVICES=0) or set "
+                        "training.cuda_graphs=false")
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim in UPDATE_IN_BACKWARD or optim.endswith("_layerwise"):
+        raise UserError(f"{where}: training.optim {optim} updates the weights inside the backward pass, which a "
+                        "captured step cannot do; choose another optimizer (e.g. adamw_torch) or set "
+                        "training.cuda_graphs=false")
 
 
 def batch_factors(args: TrainingArguments) -> dict[str, int]:

@@ -106,7 +106,8 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
         batch = batch_factors(args)
         outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
                                precision_of(args),
-                               quantization.describe(config.model.quantization) if config.model.quantization else None)
+                               quantization.describe(config.model.quantization) if config.model.quantization else None,
+                               optimizer=str(getattr(args.optim, "value", args.optim)))
         logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
