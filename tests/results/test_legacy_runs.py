@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import GLUE_DIR
+from conftest import GLUE_DIR, run_cli
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_runs"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
@@ -56,9 +56,10 @@ def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path, cli):
         assert expected["output"] == f"label={label} probability={probabilities.max():.4f}"
 
 
-def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finished(tmp_path, cli):
+def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finished(tmp_path):
+    """In a process of its own, as a user resumes it (the record keeps the command it ran with)."""
     folder = copy_of("interrupted", tmp_path)
-    result = cli("-m", "gluetune", "train", "--config", str(folder / "resolved_config.yaml"),
+    result = run_cli("-m", "gluetune", "train", "--config", str(folder / "resolved_config.yaml"),
                      "--set", f"training.output_dir={folder}", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "checkpoint-4" in result.stderr

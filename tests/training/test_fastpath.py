@@ -207,7 +207,7 @@ def test_the_rehearsal_compiles_what_bf16_training_and_evaluation_run(tiny_qwen,
     starts (Accelerator.prepare_model); the rehearsal, before that, must run in the same autocast, or it
     fails (the fp32 head meets bf16 hidden states: the run trains eagerly) or compiles graphs that the
     first step and evaluation compile again (dynamo guards on the autocast state). bf16 is forced on
-    here (this CPU would run fp32); dynamo's eager backend keeps the tracing, guards and graphs."""
+    here (a CPU without AVX512-BF16 would run fp32); dynamo's eager backend keeps the tracing, guards and graphs."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -227,8 +227,8 @@ def test_the_rehearsal_compiles_what_bf16_training_and_evaluation_run(tiny_qwen,
     monkeypatch.setattr(fastpath, "rehearse", rehearse)
     dynamo_settings = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
-    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=32) + ["training.fast_path=true",
-                                                                                  "training.report_to=none"]
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=32, fp32=False) + [
+        "training.fast_path=true", "training.report_to=none"]
     try:
         with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
             summary = train(load_config(REFERENCE_CONFIG, overrides)).metrics
