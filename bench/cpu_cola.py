@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """CPU benchmark: gluetune against the plain Trainer + PEFT recipes it replaces, on real CoLA.
 
-Three contenders, each in its own process (so peak RSS is its own), all with the model and
-hyperparameters of configs/glue_cola_minilm_cpu.yaml:
+Three contenders, each in its own process (so peak RSS is its own), all with the model, the
+hyperparameters and the precision of configs/glue_cola_minilm_cpu.yaml (bf16 where the CPU computes it
+natively, as gluetune decides it: the plain Trainer then needs `use_cpu`, as its own error says):
 
   (a) run_glue.py's default: Trainer + peft, every example padded to 128 tokens. Throughput only,
       over a fixed 40 optimizer steps.
@@ -11,11 +12,15 @@ hyperparameters of configs/glue_cola_minilm_cpu.yaml:
       selection, exactly as gluetune does it.
   (c) gluetune, full training from the config.
 
-(a) and (b) are plain library code below, not gluetune. Usage:
+(a) and (b) are plain library code below, not gluetune; they get the config's model settings that
+change what is learned (dropout) but not gluetune's speed choices (length-grouped batches, eager
+attention under CPU bf16, sorted evaluation). (c) also prints its achieved GFLOP/s (training steps
+and evaluations, counted from the model's shapes and the real tokens: bench/flops.py) beside an
+estimate of the machine's peak for the precision it trained in. Usage:
 
     python bench/cpu_cola.py [--quick] [--glue_dir ../shared/data/glue]
 
-The last line is `RESULT speedup_vs_runglue=.. speedup_vs_dynamic=.. mcc_gluetune=.. mcc_baseline=.. peak_rss_gb=..`.
+The last line is `RESULT speedup_vs_runglue=.. speedup_vs_dynamic=.. mcc_gluetune=.. mcc_baseline=.. peak_rss_gb=.. gflops=..`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import time
 from pathlib import Path
 
 # bench/machine.py, importable because the scripts run as python bench/<name>.py
+from flops import linear_flops, peak_gflops, run_flops
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +89,11 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
         set_seed,
     )
 
+    from gluetune.model.precision import native_bf16
+
     config, model_path = cpu_default(epochs)
     t, p = config.training, config.peft
+    bf16 = bool(t.get("bf16")) and native_bf16()
     set_seed(t["seed"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     padding = "max_length" if pad_to_128 else False
@@ -110,7 +119,7 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
         "gradient_accumulation_steps": t.get("gradient_accumulation_steps", 1), "learning_rate": t["learning_rate"],
         "weight_decay": t.get("weight_decay", 0.0), "warmup_steps": t.get("warmup_steps", 0), "seed": t["seed"],
         "lr_scheduler_type": t.get("lr_scheduler_type", "linear"), "report_to": "none", "dataloader_pin_memory": False,
-        "logging_steps": 50,
+        "logging_steps": 50, "bf16": bf16, "use_cpu": bf16,
     }
     if pad_to_128:
         args = TrainingArguments(**common, max_steps=RUNGLUE_STEPS, eval_strategy="no", save_strategy="no")
@@ -127,7 +136,7 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
     samples = result.metrics["train_samples_per_second"] * result.metrics["train_runtime"]
     mean_real_tokens = sum(sum(m) for m in train["attention_mask"]) / len(train)
     report = {"train_wall_s": wall, "train_samples": samples, "real_tokens": samples * mean_real_tokens,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32"}
     if not pad_to_128:
         report["mcc"] = trainer.evaluate()["eval_matthews_correlation"]
     return report
@@ -151,13 +160,22 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
         from gluetune.training.speed.cpu import limit_cpu_heap_growth
 
         limit_cpu_heap_growth()
-    metrics = train(config).metrics
+    outcome = train(config)
+    metrics = outcome.metrics
     epochs_run = metrics["train"]["epochs"]
-    sentences = list(read_glue_split(glue_dir, get_task("cola"), "train")["sentence"])
-    encoded = load_tokenizer(config.model)(sentences, truncation=True, max_length=config.dataset.max_length)
-    real_tokens = sum(len(ids) for ids in encoded["input_ids"])
-    return {"train_wall_s": metrics["train"]["runtime_s"], "train_samples": len(sentences) * epochs_run,
-            "real_tokens": real_tokens * epochs_run, "mcc": metrics["validation"]["matthews_correlation"]}
+    tokenizer = load_tokenizer(config.model)
+    lengths = {}
+    for split in ("train", "validation"):
+        sentences = list(read_glue_split(glue_dir, get_task("cola"), split)["sentence"])
+        lengths[split] = [len(ids) for ids in tokenizer(sentences, truncation=True,
+                                                         max_length=config.dataset.max_length)["input_ids"]]
+    real_tokens = sum(lengths["train"])
+    flops = run_flops(linear_flops(outcome.model), train_tokens=real_tokens * epochs_run,
+                      train_sequences=len(lengths["train"]) * epochs_run, mean_length=real_tokens / len(lengths["train"]),
+                      eval_tokens=sum(lengths["validation"]) * len(metrics["history"]))
+    return {"train_wall_s": metrics["train"]["runtime_s"], "train_samples": len(lengths["train"]) * epochs_run,
+            "real_tokens": real_tokens * epochs_run, "mcc": metrics["validation"]["matthews_correlation"],
+            "gflop": flops / 1e9, "precision": metrics["precision"]}
 
 
 # ---------------------------------------------------------------- driver
@@ -218,9 +236,14 @@ def main() -> None:
         print(f"{label:38s} train_wall_s={r['train_wall_s']:.1f} samples/s={r['samples_per_s']:.1f} "
               f"real_tokens/s={r['real_tokens_per_s']:.0f} peak_rss_gb={r['peak_rss_gb']:.2f}{mcc}", flush=True)
     a, b, c = reports["runglue"], reports["dynamic"], reports["gluetune"]
+    peak, how = peak_gflops(c["precision"])
+    achieved = c["gflop"] / c["train_wall_s"]
+    print(f"(c) arithmetic: {c['gflop']:.0f} GFLOP in {c['train_wall_s']:.1f} s = {achieved:.1f} GFLOP/s achieved "
+          f"({c['precision']}); machine peak for {c['precision']} about {peak:.0f} GFLOP/s ({how}, an estimate): "
+          f"{achieved / peak:.0%} of it" if peak else f"(c) arithmetic: {achieved:.1f} GFLOP/s achieved; peak: {how}")
     print(f"RESULT speedup_vs_runglue={c['samples_per_s'] / a['samples_per_s']:.2f} "
           f"speedup_vs_dynamic={c['samples_per_s'] / b['samples_per_s']:.2f} mcc_gluetune={c['mcc']:.4f} "
-          f"mcc_baseline={b['mcc']:.4f} peak_rss_gb={c['peak_rss_gb']:.2f}")
+          f"mcc_baseline={b['mcc']:.4f} peak_rss_gb={c['peak_rss_gb']:.2f} gflops={achieved:.1f}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ def pytest_sessionstart(session):
     os.environ.pop("GLUE_DIR", None)
     # Tokenized splits are cached by content; keep this session's cache out of the user's home.
     os.environ["GLUETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gluetune-test-cache-")
+    # One thread per test process (and the runs it starts): the suite runs a worker per core, and a
+    # second thread each only oversubscribes the cores. The tiny models' small ops then wait on each
+    # other: a tiny run took 67 s with two threads beside a busy neighbour, 21 s with one.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -122,8 +126,11 @@ def tiny_training_pieces(config):
     return args, tokenizer, model, train_set
 
 
-def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 32, epochs: int = 1) -> list[str]:
-    """--set values that shrink the reference run to seconds on a CoLA slice."""
+def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 32, epochs: int = 1,
+                   fp32: bool = True) -> list[str]:
+    """--set values that shrink the reference run to seconds on a CoLA slice. `fp32`: keep the tiny
+    run in fp32 where the CPU would train the reference config's bf16 (AVX512-BF16): the tests that
+    compare two ways of training compare them exactly; CPU bf16 has tests of its own."""
     return [
         f"model.name_or_path={model}",
         f"dataset.data_dir={GLUE_DIR}",
@@ -132,6 +139,7 @@ def tiny_overrides(model: Path, output_dir: Path, train: int = 64, evals: int = 
         f"training.num_train_epochs={epochs}",
         f"training.output_dir={output_dir}",
         "training.logging_steps=1",
+        *(["training.bf16=false"] if fp32 else []),
     ]
 
 
@@ -145,6 +153,41 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, check=False, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run a command of the project in this process, as `run_cli` runs it in a fresh one (`train.py ...`,
+    `inference.py ...`, `-m gluetune ...`): the same exit status, stdout and stderr, without a new
+    interpreter's start-up (torch, transformers: seconds each here). For what a command prints and
+    returns; kills, signals, launchers and terminals need `run_cli`."""
+    import logging
+
+    from gluetune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    logger = logging.getLogger("gluetune")
+    scripts = {"train.py": "train", "inference.py": "predict"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        argv, prog = list(args), None
+        if argv[:2] == ["-m", "gluetune"]:
+            argv = argv[2:]
+        elif argv[0] in scripts:
+            argv, prog = [scripts[argv[0]], *argv[1:]], argv[0]
+        saved = logger.handlers[:], logger.level, logger.propagate
+        capsys.readouterr()
+        try:
+            code = main(argv, prog=prog)
+        except SystemExit as stop:  # argparse's usage errors
+            code = stop.code if isinstance(stop.code, int) else 2
+        finally:  # the command sets up logging for its process; the next test's logging is its own
+            logger.handlers[:], logger.propagate = saved[0], saved[2]
+            logger.setLevel(saved[1])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return run
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -46,6 +46,22 @@ def test_predict_honours_set_and_refuses_what_does_not_apply(finished_tiny_run, 
     assert main(["predict", "--model_path", str(finished_tiny_run), "--input_text", "x", "--config", str(REFERENCE_CONFIG)]) == 0
 
 
+def test_search_options_say_what_they_accept(capsys):
+    """--startup_trials takes 0 (no random start) and says so when refused; --jobs' default is told
+    for both engines (Ray's is as many trials as the cluster holds, not 1)."""
+    from gluetune.cli import main
+
+    search = ["search", "--config", str(REFERENCE_CONFIG), "--space", "no-space.yaml", "--search_dir", "unused"]
+    assert main([*search, "--startup_trials", "-1"]) == 2
+    assert "--startup_trials -1: expected a non-negative integer" in capsys.readouterr().err
+    assert main([*search, "--jobs", "0"]) == 2
+    assert "--jobs 0: expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "optuna: one per GPU, else 1" in shown and "ray: as many as the cluster holds" in shown
+
+
 def test_the_peft_section_passes_lora_config_through(tiny_qwen):
     config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "peft.rank_pattern={q_proj: 16}",
                                             "peft.layers_to_transform=[0]", "peft.init_lora_weights=gaussian"])

@@ -62,12 +62,16 @@ def _search_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", required=True, help="YAML: section.key: {loguniform|uniform|int|choice: ...}")
     parser.add_argument("--trials", type=int, default=20, help="trials in the study, all workers together (default 20)")
     parser.add_argument("--search_dir", required=True, help="the study, one folder per trial, the summary and report")
-    parser.add_argument("--jobs", type=int, help="trials at once (default: one per GPU, else 1; the cores are shared)")
+    parser.add_argument("--jobs", type=int, help="trials at once (default: optuna: one per GPU, else 1, the cores shared "
+                                                 "out; ray: as many as the cluster holds at --cpus_per_trial and "
+                                                 "--gpus_per_trial)")
     parser.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
                         help="stop trials that fall behind: median (Optuna's MedianPruner), halving (successive "
                              "halving; ASHA on Ray) or none (default median)")
     parser.add_argument("--startup_trials", type=int, default=3,
                         help="trials sampled at random and never pruned before the sampler and pruner learn (default 3)")
+    parser.add_argument("--prune_after", type=int, default=1,
+                        help="evaluations every trial completes before the pruner may stop it (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0; worker i uses seed + i)")
     parser.add_argument("--storage", help="a database URL (postgresql://user:password@host/database) to share the "
                                           "study between machines; default: a journal file in --search_dir")
@@ -246,9 +250,10 @@ def run_search(args) -> int:
     from .search import study
     from .search.space import check_against_config, read_space
 
-    for name in ("trials", "jobs", "startup_trials", "confirm_top"):
+    for name in ("trials", "jobs", "startup_trials", "confirm_top", "prune_after"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "startup_trials" else 1):
-            raise UserError(f"--{name} {getattr(args, name)}: expected a positive integer")
+            expected = "a non-negative integer" if name == "startup_trials" else "a positive integer"
+            raise UserError(f"--{name} {getattr(args, name)}: expected {expected}")
     read_yaml_file(args.config)
     study.require_optuna()  # both engines: Ray Tune searches with Optuna's sampler
     if args.engine == "ray":
@@ -272,7 +277,8 @@ def run_search(args) -> int:
         config=str(Path(args.config).resolve()), overrides=list(args.overrides), space=space.to_dict(),
         space_source=str(Path(args.space).resolve()), metric=metric,
         direction="minimize" if lower_is_better(metric) else "maximize", search_dir=str(Path(args.search_dir).resolve()),
-        trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials, seed=args.seed,
+        trials=args.trials, pruner=args.pruner, startup_trials=args.startup_trials,
+        prune_after=args.prune_after, seed=args.seed,
         storage=databases.with_driver(args.storage) if args.storage else None, study_name=args.study_name,
         engine=args.engine, jobs=args.jobs)
     dashboards = []

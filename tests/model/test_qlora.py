@@ -36,13 +36,6 @@ SENTENCES = ["The book was written by John.", "The book was wrote by John.", "Hi
              "She sells sea shells by the sea shore.", "Colorless green ideas sleep furiously."]
 
 
-def has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def qlora_config(tiny_qwen: Path, out: Path, *extra: str, train: int = 64, epochs: int = 2):
     """The shipped QLoRA config shrunk to seconds: 2 optimizer steps an epoch, 2 epochs."""
     return load_config(QLORA_CONFIG, [*tiny_overrides(tiny_qwen, out, train=train, evals=32, epochs=epochs),
@@ -57,7 +50,9 @@ def test_a_4bit_run_trains_through_an_evaluation_into_the_next_epoch(tiny_qwen, 
     """Epoch 1 ends with an evaluation (eval mode, no gradients: where bitsandbytes would repack its
     4-bit weights for inference on an AVX512-BF16 CPU), and epoch 2 must train on: every LoRA weight
     moves after that evaluation and every logged loss is finite. No save follows the evaluation, as
-    a save would unpack the weights (bitsandbytes' state_dict does) and hide the problem."""
+    a save would unpack the weights (bitsandbytes' state_dict does) and hide the problem. (That the
+    gradients after an evaluation are exact, which moving weights cannot show, is
+    test_an_evaluation_leaves_the_next_training_steps_gradients_as_they_were.)"""
     from gluetune.training.run import train
     from gluetune.training.trainer import GluetuneTrainer
 
@@ -90,21 +85,95 @@ def test_a_4bit_run_trains_through_an_evaluation_into_the_next_epoch(tiny_qwen, 
     assert max(steps) == 4 and all(math.isfinite(loss) for loss in losses), losses
 
 
-@pytest.mark.skipif(not has_avx512_bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
-def test_without_the_workaround_bitsandbytes_breaks_training_after_an_evaluation(tmp_path, monkeypatch):
-    """Why quantization.keep_weights_unpacked exists: without it, bitsandbytes 0.50 packs the 4-bit
-    weights during the evaluation and the next training step fails. (64 wide, so that every layer's
-    output count is a multiple of 32, which packing needs.) When this test fails, a bitsandbytes
-    release has changed this and the workaround can be revisited."""
+# ---------------------------------------------------------------- an evaluation changes no later gradient
+
+# What Linear4bit.forward reads (set in __init__ from the CPU's flags): whether bitsandbytes would
+# repack 4-bit weights for inference on this CPU (AVX512-BF16), which keep_weights_unpacked prevents.
+REPACKS = bool(bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu)
+needs_repacking_cpu = pytest.mark.skipif(not REPACKS, reason="bitsandbytes repacks 4-bit weights for inference only "
+                                                             "on AVX512-BF16 CPUs: nothing to guard on this one")
+
+
+@pytest.fixture(scope="module")
+def llama_without_biases(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama: no biases, so bitsandbytes' packed path raises nothing, it
+    drops gradient."""
+    from conftest import QWEN_TOKENIZER
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama-64")
+    config = LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_64(tmp_path_factory) -> Path:
+    """64 wide: every layer's output count a multiple of 32, which packing needs; q/k/v have biases."""
     from conftest import build_tiny_qwen
 
-    from gluetune.training.run import train
+    return build_tiny_qwen(tmp_path_factory.mktemp("qwen-64"), hidden_size=64)
 
-    monkeypatch.setattr(model_quantization, "keep_weights_unpacked", lambda model: 0)
-    wider = build_tiny_qwen(tmp_path / "tiny-qwen-64", hidden_size=64)
-    config = qlora_config(wider, tmp_path / "run", "training.save_strategy=no", "training.load_best_model_at_end=false")
+
+TOKENIZERS = {}  # folder -> its tokenizer, loaded once (seconds each)
+
+
+def lora_gradients(folder: Path, evaluate_first: bool) -> dict[str, torch.Tensor]:
+    """One training step's LoRA gradients on a fresh 4-bit model (gluetune's load path), after an
+    evaluation-style forward (eval mode, no gradients) or not. lora_B starts random, as after some
+    steps (at 0 no gradient would reach lora_A)."""
+    config = qlora_config(folder, folder.parent / "unused", "peft.lora_dropout=0", "training.bf16=false")
+    tokenizer = TOKENIZERS.get(folder) or TOKENIZERS.setdefault(folder, models.load_tokenizer(config.model))
+    torch.manual_seed(0)  # the new head's initial weights
+    model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    if evaluate_first:
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+    model.train()
+    logits = model(**batch).logits.float()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 0, 1, 1])).backward()
+    return {name: p.grad for name, p in model.named_parameters() if "lora_" in name}
+
+
+@needs_repacking_cpu
+@pytest.mark.parametrize("model", ["llama_without_biases", "qwen_64"])
+def test_an_evaluation_leaves_the_next_training_steps_gradients_as_they_were(request, model):
+    """What quantization.keep_weights_unpacked guards: on an AVX512-BF16 CPU bitsandbytes would pack
+    the 4-bit weights in the evaluation's forward, and the next step would run them outside autograd:
+    with biases it fails, without them it silently drops the frozen layers' share of every earlier
+    LoRA weight's gradient. The step's gradients must equal those of a model that never evaluated.
+    ("Every LoRA weight moves", above, cannot see this: each still gets its own branch's gradient.)"""
+    folder = request.getfixturevalue(model)
+    reference, after = lora_gradients(folder, evaluate_first=False), lora_gradients(folder, evaluate_first=True)
+    assert len(reference) == 2 * 4 * 2 and all(g.abs().sum() > 0 for g in reference.values())
+    for name, grad in reference.items():
+        torch.testing.assert_close(after[name], grad, rtol=1e-5, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_repacking_cpu
+def test_without_the_workaround_bitsandbytes_breaks_training_after_an_evaluation(qwen_64, llama_without_biases,
+                                                                                  monkeypatch):
+    """Why quantization.keep_weights_unpacked exists: without it, bitsandbytes 0.50 packs the 4-bit
+    weights during the evaluation and the next training step fails (with biases) or loses gradient
+    (without). When this test fails, a bitsandbytes release has changed this and the workaround can
+    be revisited."""
+    monkeypatch.setattr(model_quantization, "keep_weights_unpacked", lambda model: None)
     with pytest.raises(RuntimeError, match="leaf Variable"):
-        train(config)
+        lora_gradients(qwen_64, evaluate_first=True)
+    reference = lora_gradients(llama_without_biases, evaluate_first=False)
+    after = lora_gradients(llama_without_biases, evaluate_first=True)
+    assert not all(torch.allclose(after[name], grad, rtol=1e-5, atol=1e-8) for name, grad in reference.items())
 
 
 def test_an_8bit_base_trains_and_its_folder_predicts(tiny_qwen, tmp_path):
@@ -306,6 +375,42 @@ def test_without_bitsandbytes_a_quantized_base_is_one_line_and_8bit_optimizers_f
         models.load_classifier(config.model, config.task, 0)
     settings, notice = optimizers.optimizer_settings("paged_adamw_8bit", "cpu")
     assert settings == {"optim": "adamw_torch"} and 'pip install "gluetune[qlora]"' in notice
+
+
+def test_without_bitsandbytes_only_its_adamw_falls_back_and_the_others_are_refused(monkeypatch):
+    """torch's AdamW runs the algorithm of bitsandbytes' AdamW (8-bit state or paged); nothing runs Lion,
+    RMSprop or AdEMAMix in its place. Every optimizer of transformers' own bitsandbytes table is one or
+    the other."""
+    from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
+
+    monkeypatch.setattr(optimizers, "installed_version", lambda name: None)
+    table = {str(getattr(name, "value", name)) for name in _BITSANDBYTES_OPTIMIZERS}
+    adamw = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+    assert adamw < table and {"lion_8bit", "rmsprop_bnb", "ademamix_8bit", "paged_lion_32bit"} < table
+    for optim in sorted(table):
+        if optim in adamw:
+            settings, notice = optimizers.optimizer_settings(optim, "cpu")
+            assert settings == {"optim": "adamw_torch"} and "using adamw_torch" in notice
+            continue
+        with pytest.raises(UserError) as caught:
+            optimizers.optimizer_settings(optim, "cpu")
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"training.optim: {optim} needs bitsandbytes"), message
+        assert 'pip install "gluetune[qlora]"' in message and "no other optimizer runs its algorithm" in message
+
+
+def test_the_card_and_record_show_the_optimizer_that_ran(tiny_qwen, tmp_path, monkeypatch):
+    """adamw_8bit without bitsandbytes trains with adamw_torch: the run record and the card say so."""
+    from conftest import REFERENCE_CONFIG
+
+    from gluetune.training.run import train
+
+    monkeypatch.setattr(optimizers, "installed_version", lambda name: None)
+    out = tmp_path / "run"
+    train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=32, evals=16) + [
+        "training.optim=adamw_8bit", "training.report_to=none"]))
+    assert json.loads((out / "run_record.json").read_text())["optimizer"] == "adamw_torch"
+    assert "| optimizer | adamw_torch (configured: adamw_8bit) |" in (out / "README.md").read_text()
 
 
 def test_8bit_optimizers_say_what_runs_where():

@@ -31,20 +31,20 @@ def copy_of(name: str, tmp_path: Path) -> Path:
     return folder
 
 
-def test_a_legacy_run_predicts_what_it_predicted(tmp_path):
+def test_a_legacy_run_predicts_what_it_predicted(tmp_path, cli):
     folder = copy_of("finished", tmp_path)
     for expected in EXPECTED["predictions"]:
-        result = run_cli("-m", "gluetune", "predict", "--model_path", str(folder), "--input_text", expected["text"])
+        result = cli("-m", "gluetune", "predict", "--model_path", str(folder), "--input_text", expected["text"])
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip() == expected["output"]
 
 
-def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path):
+def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path, cli):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder, export = copy_of("finished", tmp_path), tmp_path / "legacy-export"
-    result = run_cli("-m", "gluetune", "export", "--model_path", str(folder), "--output_dir", str(export))
+    result = cli("-m", "gluetune", "export", "--model_path", str(folder), "--output_dir", str(export))
     assert result.returncode == 0, result.stderr[-2000:]
     model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -57,11 +57,14 @@ def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path):
 
 
 def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finished(tmp_path):
+    """In a process of its own, as a user resumes it (the record keeps the command it ran with)."""
     folder = copy_of("interrupted", tmp_path)
     result = run_cli("-m", "gluetune", "train", "--config", str(folder / "resolved_config.yaml"),
                      "--set", f"training.output_dir={folder}", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "checkpoint-4" in result.stderr
+    record = json.loads((folder / "run_record.json").read_text())
+    assert record["resumed_with"][-1][:2] == ["gluetune", "train"]  # `python -m gluetune`, as a user can paste it
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["best_checkpoint"] == EXPECTED["best_checkpoint"]
     for name, value in EXPECTED["validation"].items():

@@ -26,18 +26,6 @@ VOCABULARY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A 32-wide model gains nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads that wait on each other made predicting RTE's 3,000 test pairs 30x slower (52 s vs 1.8 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("glue_data")

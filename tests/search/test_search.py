@@ -47,7 +47,7 @@ def base_overrides(tiny_qwen, task, epochs: int) -> list[str]:
             "dataset.label_names=[neg, pos]", f"dataset.train_file={task / 'train.csv'}",
             f"dataset.validation_file={task / 'dev.csv'}", f"training.num_train_epochs={epochs}",
             "training.per_device_train_batch_size=8", "training.gradient_accumulation_steps=1",
-            "training.logging_steps=1", "training.report_to=none"]
+            "training.logging_steps=1", "training.report_to=none", "training.bf16=false"]
 
 
 def write_space(path, rates: list[float]):

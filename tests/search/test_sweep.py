@@ -81,9 +81,9 @@ def test_summary_figures_match_the_runs(half_then_full):
     assert f"`{best}` **(best)**" in (sweep_dir / "summary.md").read_text()
 
 
-def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path):
+def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path, cli):
     _, _, sweep_dir = half_then_full
-    result = run_cli("-m", "gluetune", "sweep", "--sweep_dir", str(sweep_dir), "--rerun", "learning_rate=1e-3",
+    result = cli("-m", "gluetune", "sweep", "--sweep_dir", str(sweep_dir), "--rerun", "learning_rate=1e-3",
                      "--rerun_dir", str(tmp_path / "again"))
     assert result.returncode == 0, result.stderr[-3000:]
     for seed in (1, 2):
@@ -92,7 +92,7 @@ def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path):
     assert "reproduced" in result.stdout
 
 
-def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
+def test_single_class_runs_are_called_out(tiny_qwen, tmp_path, cli):
     """A validation set of one repeated sentence gets one class, whatever the model: the log and
     the summary must call that out."""
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"sentence number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(32)))
@@ -100,7 +100,7 @@ def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
     overrides = [f"model.name_or_path={tiny_qwen}", "dataset.subset=null", "dataset.text_column=[text]",
                  "dataset.label_names=[neg, pos]", f"dataset.train_file={tmp_path / 'train.csv'}",
                  f"dataset.validation_file={tmp_path / 'dev.csv'}"]
-    result = run_cli("-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides),
+    result = cli("-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides),
                      "--seeds", "1", "--sweep_dir", str(tmp_path / "sweep"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEGENERATE" in result.stderr
@@ -110,7 +110,7 @@ def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
     assert row["degenerate_runs"] == "1" and float(row["matthews_correlation_median"]) == 0.0
 
 
-def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path):
+def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path, cli):
     import os
     import signal
     import subprocess
@@ -135,7 +135,7 @@ def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path)
     assert "stopped by signal 15" in log
     # this sweep's runs only: another test module may be running its own sweep at the same time
     assert not any(str(sweep_dir) in line for line in os.popen("ps -eo args").read().splitlines())
-    again = run_cli(*args)
+    again = cli(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in (sweep_dir / "default" / "seed-1" / "train.log").read_text()
 

@@ -112,8 +112,9 @@ def test_a_failing_compilation_trains_on_the_plain_path_with_nothing_lost(tiny_q
     monkeypatch.setattr(torch.nn.Module, "compile", compile_that_fails)
     with caplog.at_level("WARNING", logger="gluetune"):
         runs = plain_and_fast_runs(tiny_qwen, tmp_path)
-    warnings = [r.getMessage() for r in caplog.records if "compiling the layers failed" in r.getMessage()]
-    assert len(warnings) == 1 and "\n" not in warnings[0] and "RuntimeError: accessing tensor output" in warnings[0]
+    warnings = [r.getMessage() for r in caplog.records if "rehearsal before training failed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "failed on a training batch of 32 x 16 tokens (RuntimeError: accessing tensor output" in warnings[0]
     assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
 
 
@@ -134,10 +135,11 @@ def test_the_step_plan_has_every_shape_an_epoch_uses(tiny_qwen, tmp_path):
     """One rehearsal batch (and, with CUDA graphs, one captured graph) per shape the epoch's training
     and evaluation batches have, each real (the collators' own output)."""
     _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "dataset.max_train_samples=83")
-    plan = fastpath.training_shapes(train_set["length"], rows=32)
     evals = train_set.sort("length")
     train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [evals])
-    assert [tuple(b["input_ids"].shape) for b in train_batches] == plan
+    plan = [tuple(b["input_ids"].shape) for b in train_batches]
+    # every bucket an example's length falls in, the full micro-batch's rows each
+    assert plan == sorted({(32, fastpath.padded(n)) for n in train_set["length"]})
     assert {tuple(b["input_ids"].shape) for b in trainer.get_train_dataloader()} <= set(plan)
     assert {tuple(b["input_ids"].shape) for b in trainer.get_eval_dataloader(evals)} == {
         tuple(b["input_ids"].shape) for b in eval_batches}
@@ -194,7 +196,71 @@ def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_pa
     with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
         summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
     assert summary["train"]["steps"] == 10
-    assert "compiling the layers failed" not in caplog.text  # the rehearsal would fall back to eager layers
+    assert "rehearsal before training failed" not in caplog.text  # the layers would run eager
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])  # past the default limit
     torch._dynamo.reset()
+
+
+def test_the_rehearsal_compiles_what_bf16_training_and_evaluation_run(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """Under bf16 mixed precision accelerate runs the model's forward in torch.autocast once training
+    starts (Accelerator.prepare_model); the rehearsal, before that, must run in the same autocast, or it
+    fails (the fp32 head meets bf16 hidden states: the run trains eagerly) or compiles graphs that the
+    first step and evaluation compile again (dynamo guards on the autocast state). bf16 is forced on
+    here (a CPU without AVX512-BF16 would run fp32); dynamo's eager backend keeps the tracing, guards and graphs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from gluetune.training import machine
+
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
+    after_rehearsal = []
+    real_rehearse = fastpath.rehearse
+
+    def rehearse(*args):
+        compiled = real_rehearse(*args)
+        after_rehearsal.append((compiled, counters["stats"]["unique_graphs"]))
+        return compiled
+
+    monkeypatch.setattr(fastpath, "rehearse", rehearse)
+    dynamo_settings = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=32, fp32=False) + [
+        "training.fast_path=true", "training.report_to=none"]
+    try:
+        with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
+            summary = train(load_config(REFERENCE_CONFIG, overrides)).metrics
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert summary["precision"] == "bf16" and summary["train"]["steps"] == 2
+    assert after_rehearsal == [(True, graphs)], caplog.text  # compiled, and no graph made after the rehearsal
+
+
+def test_the_recompile_room_holds_every_graph_a_bucket_makes(tiny_qwen, tmp_path, monkeypatch):
+    """prepare_model's room in dynamo's recompile_limit, per bucket: two training graphs (the first
+    layer's input does not require grad, the later layers' do), one for full evaluation batches, one
+    for a split's last batch. Dynamo's own limit is set to 1 here so that the room alone must hold
+    them: one bucket (max_length 16), evaluation in batches of 32 with a short last one."""
+    import torch._dynamo
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
+    config, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "dataset.max_length=16",
+                                             "training.per_device_eval_batch_size=32")
+    short = train_set.filter(lambda row: row["length"] <= 16)
+    assert len(short) % 32 and len(short) > 32  # full evaluation batches and a short last one
+    dynamo_settings = torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True)
+    torch._dynamo.reset()
+    try:
+        with dynamo_settings:
+            layers = fastpath.prepare_model(trainer, config)
+            train_batches, eval_batches = fastpath.rehearsal_batches(trainer, short, [short.sort("length")])
+            assert (len(train_batches), len(eval_batches)) == (1, 2)
+            assert fastpath.rehearse(trainer, train_batches, eval_batches, layers)
+            assert torch._dynamo.config.recompile_limit == 4
+    finally:
+        fastpath.uncompile(layers)
+        torch._dynamo.reset()

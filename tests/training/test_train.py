@@ -14,6 +14,7 @@ from gluetune.config.run import load_config
 from gluetune.config.tasks import get_task
 from gluetune.data.loading import read_glue_split
 from gluetune.results.prediction import Classifier
+from gluetune.training.machine import cpu_bf16
 from gluetune.training.run import train
 
 
@@ -33,7 +34,7 @@ def cli_run(tiny_qwen, tmp_path_factory):
     """The reference config through the real `train.py`, shrunk by --set only."""
     out = tmp_path_factory.mktemp("cli") / "run"
     result = run_cli("train.py", "--config", str(REFERENCE_CONFIG),
-                     *as_set_args(tiny_overrides(tiny_qwen, out, train=96, evals=48, epochs=2)))
+                     *as_set_args(tiny_overrides(tiny_qwen, out, train=96, evals=48, epochs=2, fp32=False)))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -41,7 +42,10 @@ def cli_run(tiny_qwen, tmp_path_factory):
 def test_cli_run_writes_the_promised_outputs(cli_run):
     out, result = cli_run
     assert "trainable params: 3,648 ||" in result.stderr  # 2 layers x LoRA q,k,v,o + score, computed
-    assert "bf16 is not supported on this device (cpu); training in fp32" in result.stderr
+    bf16 = cpu_bf16()  # the reference config asks for bf16: the CPU trains in it where it computes it natively
+    line = (f"bf16 on this CPU ({bf16}): training under CPU autocast to bf16" if bf16 else
+            "bf16 is not native on this CPU (no AVX512-BF16 or AMX); training in fp32")
+    assert line in result.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
                  "resolved_config.yaml", "metrics.json"):
         assert (out / name).is_file(), name
@@ -52,7 +56,8 @@ def test_cli_run_writes_the_promised_outputs(cli_run):
         assert -1 <= metrics["validation"][key] <= 1
     assert metrics["train"]["runtime_s"] > 0 and metrics["train"]["steps"] == 6  # 96 / 32 x 2 epochs
     assert metrics["best_checkpoint"].startswith("checkpoint-")
-    assert metrics["precision"] == "fp32" and metrics["trainable_parameters"] == 3648
+    assert metrics["precision"] == ("bf16" if bf16 else "fp32") and metrics["trainable_parameters"] == 3648
+    assert json.loads((out / "run_record.json").read_text())["precision"] == metrics["precision"]
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert resolved["training"]["bf16"] is True and resolved["dataset"]["max_train_samples"] == 96
 
@@ -117,9 +122,9 @@ def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
     np.testing.assert_allclose(recomputed, [r["logits"] for r in sorted(saved, key=lambda r: r["idx"])], atol=1e-5)
 
 
-def test_inference_script_prints_label_and_probability(cli_run):
+def test_inference_script_prints_label_and_probability(cli_run, cli):
     out, _ = cli_run
-    result = run_cli("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
+    result = cli("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
                      "--input_text", "The book was written by John.")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
@@ -191,3 +196,36 @@ def test_one_process_seeing_several_gpus_reports_the_batch_it_trains_with(tiny_q
     assert summary["train"]["steps"] == 1 and summary["train"]["effective_batch_size"] == 64
     assert "effective batch 64 = 16 per device x 2 accumulation x 1 process(es) x 2 GPUs (DataParallel)" in caplog.text
     assert "| batch | 16 per device x 2 accumulation x 1 process(es) x 2 GPUs = 64 |" in (out / "README.md").read_text()
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_in(tiny_qwen, tmp_path, monkeypatch, caplog):
+    """The reference config asks for bf16. Started where bf16 is not native (fp32), stopped by SIGTERM after
+    its first checkpoint (step 2; the stop saves step 3), resumed where it is (a CPU with AVX512-BF16, patched here): it ends in fp32, as
+    it started, and says so; the record keeps the precision it started in."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from gluetune.errors import RunInterrupted
+    from gluetune.training import machine
+
+    class StopAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the stop saves once more: one signal only
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_qwen, out, train=64, evals=16, epochs=2, fp32=False)
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    with pytest.raises(RunInterrupted):
+        train(load_config(REFERENCE_CONFIG, overrides), callbacks=[StopAfterFirstSave()])
+    assert json.loads((out / "run_record.json").read_text())["precision"] == "fp32"
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    config = load_config(REFERENCE_CONFIG, overrides)
+    config.control.resume = "auto"
+    with caplog.at_level("INFO", logger="gluetune"):
+        metrics = train(config).metrics
+    assert "resuming in fp32, the precision this run started in" in caplog.text
+    assert metrics["precision"] == "fp32" and metrics["train"]["resumed_from"] == "checkpoint-3"
+    assert json.loads((out / "run_record.json").read_text())["precision"] == "fp32"

@@ -18,7 +18,6 @@ from conftest import (
     as_set_args,
     assert_one_line_error,
     copy_run,
-    run_cli,
     tiny_overrides,
     tiny_training_pieces,
 )
@@ -50,7 +49,7 @@ def write_learnable_task(folder, seed: int = 0) -> list[str]:
     return ["model.name_or_path=PLACEHOLDER", "dataset.subset=null", "dataset.num_labels=null",
             "dataset.text_column=[text]", "dataset.label_names=[bad, good]", f"dataset.train_file={folder / 'train.csv'}",
             f"dataset.validation_file={folder / 'dev.csv'}", "training.num_train_epochs=4", "training.learning_rate=3e-3",
-            "training.save_total_limit=null"]
+            "training.save_total_limit=null", "training.bf16=false"]
 
 
 def learnable(tiny_qwen, folder, out, *extra: str) -> list[str]:
@@ -174,37 +173,37 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(tiny_qwen, tmp_path):
 # ---------------------------------------------------------------- run control and settings
 
 
-def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(tiny_qwen, tmp_path, finished_tiny_run):
+def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(tiny_qwen, tmp_path, finished_tiny_run, cli):
     out = copy_run(finished_tiny_run, tmp_path / "run")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    assert run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite").returncode == 0
+    assert cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite").returncode == 0
     saved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert "overwrite_output_dir" not in saved["training"] and "resume_from_checkpoint" not in saved["training"]
     before = (out / "metrics.json").read_text()
-    again = run_cli("train.py", "--config", str(out / "resolved_config.yaml"))  # what run_record.json suggests
+    again = cli("train.py", "--config", str(out / "resolved_config.yaml"))  # what run_record.json suggests
     assert_one_line_error(again, "not empty", "--resume")
     assert (out / "metrics.json").read_text() == before
 
 
-def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path, finished_tiny_run):
+def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path, finished_tiny_run, cli):
     out = copy_run(finished_tiny_run, tmp_path / "run")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     record = (out / "run_record.json").read_text()
-    changed = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
+    changed = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
                       "--set", "training.learning_rate=1e-4", "--set", "peft.lora_r=4")
     assert_one_line_error(changed, "other settings", "training.learning_rate", "peft.lora_r", "--overwrite")
     assert (out / "run_record.json").read_text() == record
-    moved = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
+    moved = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
                     "--set", f"training.logging_dir={tmp_path / 'elsewhere'}")
     assert moved.returncode == 0 and "nothing to do" in moved.stderr  # output paths are not settings
 
 
-def test_sweep_refuses_a_folder_made_with_other_base_settings(tiny_qwen, tmp_path):
+def test_sweep_refuses_a_folder_made_with_other_base_settings(tiny_qwen, tmp_path, cli):
     base = as_set_args(tiny_overrides(tiny_qwen, tmp_path / "unused", train=32, evals=16))
     sweep = ["-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *base, "--seeds", "1",
              "--sweep_dir", str(tmp_path / "sweep")]
-    assert run_cli(*sweep).returncode == 0
-    other = run_cli(*sweep, "--set", "training.learning_rate=1e-4")
+    assert cli(*sweep).returncode == 0
+    other = cli(*sweep, "--set", "training.learning_rate=1e-4")
     assert_one_line_error(other, "other settings", "training.learning_rate")
 
 

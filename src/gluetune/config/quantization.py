@@ -11,6 +11,7 @@ validated when it loads; bitsandbytes itself is only needed when a model loads (
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 from ..errors import UserError, did_you_mean, one_line
@@ -23,6 +24,14 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 _DTYPE_KEYS = ("bnb_4bit_compute_dtype",)
 _QUANT_TYPES = ("nf4", "fp4")
+
+# bitsandbytes warns when imported (peft imports it, as a config's peft section is validated) on an
+# AVX512-BF16 CPU without its optional kernels, that its packed-weight inference kernel is missing; gluetune never packs
+# (model.quantization.keep_weights_unpacked), so the warning would only mislead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# An 8-bit (LLM.int8) base quantizes each layer's fp32 input to int8 through fp16, as designed; its
+# logger says so at every forward of every layer.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def bnb_fields(spec: str | dict[str, Any]) -> dict[str, Any]:

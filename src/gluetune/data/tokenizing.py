@@ -83,14 +83,32 @@ def _token_cache_folder(ds, tokenizer, task: Task, max_length: int) -> Path | No
     fingerprint = getattr(ds, "_fingerprint", None)
     if backend is None or fingerprint is None:  # no content identity to key on: do not cache
         return None
-    # The backend's definition minus its call-time state (truncation, padding), which every call changes.
-    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
     key = hashlib.sha256()
-    for part in (_ENCODING_VERSION, fingerprint, json.dumps(definition, sort_keys=True), str(tokenizer.all_special_tokens),
+    for part in (_ENCODING_VERSION, fingerprint, _definition_digest(tokenizer), str(tokenizer.all_special_tokens),
                  str(task.text_columns), str(max_length), PAIR_SEPARATOR, str(is_pair_template_tokenizer(tokenizer))):
         key.update(part.encode("utf-8", "surrogatepass"))
         key.update(b"\0")
     return cache_root() / key.hexdigest()[:32]
+
+
+def _definition_digest(tokenizer) -> str:
+    """A digest of the backend tokenizer's definition without its call-time state (truncation, padding,
+    which every call sets), computed once per tokenizer object: serializing Qwen's (4.6 MB of JSON)
+    took longer than tokenizing CoLA."""
+    import hashlib
+
+    digest = getattr(tokenizer, "_gluetune_definition_digest", None)
+    if digest is None:
+        backend = tokenizer.backend_tokenizer
+        if backend.truncation is not None or backend.padding is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        digest = hashlib.sha256(backend.to_str().encode("utf-8", "surrogatepass")).hexdigest()
+        tokenizer._gluetune_definition_digest = digest
+    return digest
 
 
 def cache_root() -> Path:

@@ -13,13 +13,6 @@ from ..errors import UserError
 from ..files import installed_version
 
 logger = logging.getLogger("gluetune")
-# Without the optional `kernels` package bitsandbytes warns, when imported (peft imports it) on an
-# AVX512-BF16 CPU, that its packed-weight inference kernel is missing; gluetune never packs
-# (keep_weights_unpacked), so the warning would only mislead.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# An 8-bit (LLM.int8) base quantizes each layer's fp32 input to int8 through fp16, as designed; its
-# logger says so at every forward of every layer.
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 # Since 0.50 bitsandbytes runs its 4-bit layers (forward and backward) and its 8-bit optimizers on a
 # plain x86 CPU too (backends/cpu/ops.py registers optimizer_update_8bit_blockwise for "cpu").

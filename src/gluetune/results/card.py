@@ -245,13 +245,21 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
              ("batch", f"{batch} per device x {accumulation} accumulation x {processes} process(es)"
                        + (f" x {train['gpus_per_process']} GPUs" if train.get("gpus_per_process", 1) > 1 else "")
                        + f" = {effective}"),
-             ("optimizer", str(training.get("optim", _default("optim")))),
+             ("optimizer", _optimizer(facts)),
              ("schedule", f"{training.get('lr_scheduler_type', _default('lr_scheduler_type'))}, {_warmup(training)}"),
              ("weight decay", f"{training.get('weight_decay', _default('weight_decay')):g}"),
              ("precision", str(metrics.get("precision", "?"))),
              ("max length", f"{config.dataset.max_length} tokens"),
              ("seed", str(facts.record.get("seed", training.get("seed", "?"))))]
     return rows
+
+
+def _optimizer(facts: RunFacts) -> str:
+    """The optimizer that ran (run_record.json), and the configured one where this machine ran another
+    in its place (an 8-bit AdamW without bitsandbytes, the fast path's fused AdamW)."""
+    configured = str(facts.config.training.get("optim", _default("optim")))
+    ran = facts.record.get("optimizer") or configured  # runs of old recorded none
+    return ran if ran == configured else f"{ran} (configured: {configured})"
 
 
 def _warmup(training: dict) -> str:

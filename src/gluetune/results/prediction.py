@@ -17,6 +17,7 @@ from ..data.tokenizing import encode_texts
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..model.classifier import load_classifier, load_tokenizer, max_model_length
+from ..model.precision import native_bf16
 from . import rundir
 
 logger = logging.getLogger("gluetune")
@@ -76,7 +77,9 @@ class Classifier:
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(config.model, path=str(folder) if has_tokenizer else None)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and config.training.get("bf16") else torch.float32
+        # As the run evaluated itself: in the precision it trained in, where this machine computes it natively.
+        trained_in = rundir.trained_precision(folder) or ("bf16" if config.training.get("bf16") else "fp32")
+        dtype = torch.bfloat16 if trained_in == "bf16" and native_bf16() else torch.float32
 
         def load_base(path):
             return load_classifier(config.model, config.task, tokenizer.pad_token_id, path=path, dtype=dtype)
@@ -107,7 +110,7 @@ class Classifier:
                 rows = order[start : start + self.batch_size]
                 batch = collate([{k: enc[k][i] for k in keys} for i in rows])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and self.model.dtype == torch.bfloat16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.model.dtype == torch.bfloat16):
                     out[rows] = self.model(**batch).logits.float().cpu().numpy()
         return out
 

@@ -4,7 +4,9 @@ A checkpoint counts as complete once its `trainer_state.json` parses and every p
 is there: the main process writes the trainer state after its own weights, optimizer, scheduler and
 RNG state, but the other processes write their RNG states without waiting for each other, so a kill
 while saving leaves a folder short of one of them, which is ignored (and cleared on resume) while
-the previous one stays usable. How many processes wrote them is in `run_record.json`.
+the previous one stays usable. How many processes wrote a checkpoint is in the checkpoint itself
+(`gluetune_checkpoint.json`, written by the main process before anything else of it): a resume on
+another process count rewrites `run_record.json`, which only checkpoints of old fall back to.
 A run counts as finished once `metrics.json` exists; it is written last, atomically.
 """
 
@@ -16,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_write_json
 
 LOCK_FILENAME = ".gluetune.lock"  # held by the run that writes the folder (training.outputdir)
 OWNER_FILENAME = ".gluetune.lock.owner"  # who holds the lock
@@ -23,6 +26,7 @@ LOCK_FILES = (LOCK_FILENAME, OWNER_FILENAME)
 METRICS_FILENAME = "metrics.json"  # written last: its presence means the run finished
 RECORD_FILENAME = "run_record.json"  # how to reproduce the run: command, seed, versions, data hashes
 PREDICTIONS_FILENAME = "validation_predictions.jsonl"  # the final model's logits for every validation example
+CHECKPOINT_RECORD = "gluetune_checkpoint.json"  # in each checkpoint folder: how many processes wrote it
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -32,17 +36,35 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def recorded_processes(folder: Path) -> int | None:
-    """How many processes wrote the run's checkpoints (run_record.json); None for a run of old."""
+    """How many processes the run's latest start had (run_record.json); None for a run of old."""
     return (read_record(folder).get("batch") or {}).get("processes")
 
 
+def write_checkpoint_record(path: Path, processes: int) -> None:
+    """Mark a checkpoint folder with the number of processes writing it (before they write it)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(path) / CHECKPOINT_RECORD, {"processes": processes})
+
+
+def checkpoint_processes(path: Path, fallback: int | None) -> int | None:
+    """How many processes wrote the checkpoint at `path`: its own record, else (a checkpoint of old)
+    `fallback`, the run record's count."""
+    try:
+        processes = json.loads((Path(path) / CHECKPOINT_RECORD).read_text())["processes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback
+    return processes if isinstance(processes, int) and processes > 0 else fallback
+
+
 def missing_from_checkpoint(path: Path, processes: int | None) -> list[str]:
-    """The files a checkpoint of a run on `processes` processes lacks to resume exactly; [] when it is complete."""
+    """The files a checkpoint lacks to resume exactly; [] when it is complete. `processes`: the run
+    record's count, for a checkpoint that does not record its own."""
     path = Path(path)
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return ["trainer_state.json"]
+    processes = checkpoint_processes(path, processes)
     present = {p.name for p in path.glob("rng_state*.pth")}
     if not present or processes is None:  # training.save_only_model (no RNG states, by choice); a run of old
         return []
@@ -72,6 +94,19 @@ def read_record(folder: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def trained_precision(folder: Path) -> str | None:
+    """The precision (bf16, fp16, fp32) the run in `folder`, or the run a checkpoint-N folder belongs
+    to, trained in: from metrics.json, else from its run record; None for a folder gluetune did not write."""
+    for candidate in (Path(folder), Path(folder).parent):
+        try:
+            found = json.loads((candidate / METRICS_FILENAME).read_text()).get("precision")
+        except (OSError, ValueError):
+            found = read_record(candidate).get("precision")
+        if found:
+            return found
+    return None
 
 
 def read_metrics(folder: Path) -> dict:

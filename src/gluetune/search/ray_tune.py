@@ -38,7 +38,7 @@ EVALUATION = "evaluation"  # the time axis the schedulers cut on: the n-th evalu
 PASSED_ENV = re.compile(r"^(PYTHONPATH|GLUE_DIR|HF_.*|TRANSFORMERS_.*|GLUETUNE_.*)$")
 INTERRUPTED_FILENAME = ".interrupted"  # written by the command on Ctrl-C/SIGTERM: its trials stop unpruned
 # Ray Tune restores an experiment as it was started (Tuner.restore takes no new TuneConfig).
-_RESTORED_AS_STARTED = ("trials", "jobs", "pruner", "startup_trials")
+_RESTORED_AS_STARTED = ("trials", "jobs", "pruner", "startup_trials", "prune_after")
 
 
 def require_ray():
@@ -95,7 +95,7 @@ def _refused_token(err: BaseException) -> bool:
 
 
 def check_restorable(spec: SearchSpec) -> None:
-    """Refuse a new --trials, --jobs, --pruner or --startup_trials for a Ray search that has started:
+    """Refuse a new --trials, --jobs, --pruner, --startup_trials or --prune_after for a Ray search that has started:
     Ray Tune restores its experiment as it was started, and would ignore them."""
     if not (spec.folder / RAY_FOLDER).is_dir() or not (spec.folder / SPEC_FILENAME).is_file():
         return
@@ -136,9 +136,11 @@ def _scheduler(spec: SearchSpec):
     if spec.pruner == "halving":
         # ASHA stops a trial when it reaches max_t: one past the last evaluation, so that a trial
         # that survives every rung ends by itself, with its final metrics written.
-        return ASHAScheduler(time_attr=EVALUATION, max_t=max_evaluations(spec) + 1, grace_period=1, reduction_factor=3)
+        return ASHAScheduler(time_attr=EVALUATION, max_t=max_evaluations(spec) + 1, grace_period=spec.prune_after,
+                             reduction_factor=3)
     if spec.pruner == "median":
-        return MedianStoppingRule(time_attr=EVALUATION, grace_period=1, min_samples_required=spec.startup_trials)
+        return MedianStoppingRule(time_attr=EVALUATION, grace_period=spec.prune_after,
+                                  min_samples_required=spec.startup_trials)
     return FIFOScheduler()
 
 

@@ -74,6 +74,7 @@ class SearchSpec:
     trials: int
     pruner: str = "median"
     startup_trials: int = 3
+    prune_after: int = 1  # evaluations every trial completes before the pruner may stop it
     seed: int = 0
     storage: str | None = None
     study_name: str = DEFAULT_STUDY_NAME
@@ -181,9 +182,9 @@ def make_pruner(spec: SearchSpec):
     import optuna
 
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials, n_warmup_steps=spec.prune_after)
     if spec.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.prune_after, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 

@@ -86,38 +86,70 @@ class OutputDirLock:
 
 def check_same_batch(folder: Path, batch: dict[str, int]) -> None:
     """Refuse to resume with another effective batch (e.g. on another number of processes): the
-    step would map to another epoch and sample offset, and per-process RNG states would be lost."""
+    step would map to another epoch and sample offset, and per-process RNG states would be lost.
+    The message says what differs: the processes, the GPUs one process drives (DataParallel), or the
+    batch settings."""
     recorded = read_record(folder).get("batch")
-    if recorded and math.prod(recorded.values()) != math.prod(batch.values()):
-        raise UserError(f"--resume: {folder} was trained with an effective batch of {describe_batch(recorded)}; this "
-                        f"start would have {describe_batch(batch)}. Resume with {recorded['processes']} process(es) "
-                        f"(torchrun --nproc_per_node {recorded['processes']} / accelerate launch --num_processes "
-                        f"{recorded['processes']}), or --overwrite to start over")
+    if not recorded or math.prod(recorded.values()) == math.prod(batch.values()):
+        return
+    fixes = []
+    if recorded.get("processes", 1) != batch.get("processes", 1):
+        n = recorded.get("processes", 1)
+        fixes.append(f"resume with {n} process(es) (torchrun --nproc_per_node {n} / accelerate launch "
+                     f"--num_processes {n})")
+    gpus, now = recorded.get("gpus_per_process", 1), batch.get("gpus_per_process", 1)
+    if gpus != now:
+        fixes.append(f"show each process {gpus} GPU(s) as the run's did (CUDA_VISIBLE_DEVICES; this one sees {now}, "
+                     "and one process drives every GPU it sees as DataParallel)")
+    changed = [key for key in ("per_device", "accumulation") if recorded.get(key) != batch.get(key)]
+    if changed:
+        fixes.append("set " + " and ".join(f"{key.replace('_', ' ')} {recorded.get(key)}" for key in changed)
+                     + " as the run had (training.per_device_train_batch_size, training.gradient_accumulation_steps)")
+    raise UserError(f"--resume: {folder} was trained with an effective batch of {describe_batch(recorded)}; this "
+                    f"start would have {describe_batch(batch)}. To resume, {'; '.join(fixes)}; or --overwrite to "
+                    "start over")
+
+
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """The command that started this process, as a user can paste it: `python -m gluetune train ...`
+    (argv[0] is then gluetune's __main__.py, as for every sweep and search trial) becomes
+    `gluetune train ...`; the console script and entry scripts (train.py) keep their names."""
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0])
+    if program.name == "__main__.py" and program.resolve().parent == Path(__file__).resolve().parents[1]:
+        return ["gluetune", *argv[1:]]
+    return [program.name, *argv[1:]]
 
 
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
-                 batch: dict[str, int], quantization: str | None = None) -> None:
+                 batch: dict[str, int], precision: str, quantization: str | None = None,
+                 optimizer: str | None = None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
-    (the resolved config sits beside it), what a step holds (per device, accumulation, processes)
-    and the base's quantization in words. A resumed run appends its command."""
+    (the resolved config sits beside it), what a step holds (per device, accumulation, processes),
+    the precision it trains in on this machine, the base's quantization in words and the optimizer
+    that runs (the config's, or what this machine put in its place: training.optimizers). A resumed
+    run appends its command."""
     import platform
-    import sys
     import time
 
     path = Path(folder) / RECORD_FILENAME
     previous = json.loads(path.read_text()) if resumed_from is not None and path.is_file() else {}
     versions = {name: installed_version(name) for name in RECORDED_PACKAGES}
-    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    command = command_line()
     atomic_write_json(path, {
         "command": previous.get("command", command),
         "resumed_with": previous.get("resumed_with", []) + ([command] if previous else []),
         "cwd": os.getcwd(),
         "seed": seed,
         "batch": batch,
+        "precision": precision,
         "config": CONFIG_FILENAME,
         "python": platform.python_version(),
         "packages": versions,
         "quantization": quantization,
+        "optimizer": optimizer,
         "data_files": {str(p): sha256_of(p) for p in data_files if Path(p).is_file()},
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
     })
@@ -166,7 +198,7 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
                 "--overwrite to start it over, or choose another training.output_dir"
             )
         return None
-    processes = recorded_processes(folder)  # read once: every checkpoint of the run was written by as many
+    processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
     for partial in checkpoints(folder):
         missing = missing_from_checkpoint(partial, processes)
         if missing:

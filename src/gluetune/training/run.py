@@ -31,7 +31,7 @@ from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
 from . import distributed, outputdir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
-from .machine import batch_factors, cuda_available, device_name, reporting, training_arguments
+from .machine import batch_factors, cuda_available, device_name, precision_of, reporting, training_arguments
 from .progress import ConsoleProgress
 from .speed import cudagraphs, fastpath
 from .speed.cpu import use_fast_cpu_dropout
@@ -56,11 +56,15 @@ def train(config: RunConfig, callbacks: list | None = None) -> TrainOutcome:
     created = not output_dir.exists()
     lock = outputdir.OutputDirLock(output_dir) if distributed.is_main_process() else None
     try:
-        finished, checkpoint = distributed.run_on_main(lambda: _prepare_folder(config, lock, batch_factors(args)),
-                                                       UserError)
+        finished, checkpoint, started_in = distributed.run_on_main(
+            lambda: _prepare_folder(config, lock, batch_factors(args)), UserError)
         if finished:
             logger.info("%s already holds a finished run; nothing to do (--overwrite to train again)", output_dir)
             return TrainOutcome(metrics=rundir.read_metrics(output_dir))
+        if checkpoint is not None and started_in not in (None, precision_of(args)):
+            if distributed.is_main_process():
+                logger.warning("resuming in %s, the precision this run started in", started_in)
+            args = training_arguments(config, quiet=True, precision=started_in)
         return _train_in(config, args, checkpoint, callbacks or [])
     finally:
         # Only the lock's holder may clean up, and before it lets go: a refused start must not take
@@ -70,17 +74,22 @@ def train(config: RunConfig, callbacks: list | None = None) -> TrainOutcome:
             lock.release()
 
 
-def _prepare_folder(config: RunConfig, lock: outputdir.OutputDirLock, batch: dict[str, int]) -> tuple[bool, Path | None]:
-    """(whether the folder holds this run finished, the checkpoint to resume). Main process only."""
+def _prepare_folder(config: RunConfig, lock: outputdir.OutputDirLock,
+                    batch: dict[str, int]) -> tuple[bool, Path | None, str | None]:
+    """(whether the folder holds this run finished, the checkpoint to resume, the precision the run
+    started in). Main process only."""
     hub.check_can_push(config.training)
     lock.acquire()
     output_dir, control = config.output_dir, config.control
     if control.resume and not control.overwrite:
         check_same_settings(output_dir, config, "--resume")
         if rundir.is_finished(output_dir):
-            return True, None
+            return True, None, None
         outputdir.check_same_batch(output_dir, batch)
-    return False, outputdir.prepare(output_dir, control.resume, control.overwrite)
+    checkpoint = outputdir.prepare(output_dir, control.resume, control.overwrite)
+    # Runs recorded before the precision was: on the CPU they trained in fp32 (bf16 ran on GPUs only).
+    started_in = rundir.read_record(output_dir).get("precision") or (None if cuda_available() else "fp32")
+    return False, checkpoint, started_in if checkpoint is not None else None
 
 
 def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None, callbacks: list) -> TrainOutcome:
@@ -96,7 +105,9 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
         save_config(config, config.output_dir)
         batch = batch_factors(args)
         outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
-                            quantization.describe(config.model.quantization) if config.model.quantization else None)
+                               precision_of(args),
+                               quantization.describe(config.model.quantization) if config.model.quantization else None,
+                               optimizer=str(getattr(args.optim, "value", args.optim)))
         logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
@@ -222,7 +233,7 @@ def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkp
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device_name(),
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": precision_of(args),
     }
 
 

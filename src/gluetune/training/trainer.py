@@ -18,14 +18,16 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..data.sampling import LengthGroupedBatches
 from ..errors import UserError
+from ..results import rundir
 
 
 class GluetuneTrainer(Trainer):
@@ -137,18 +139,45 @@ class GluetuneTrainer(Trainer):
 
     def use_graphed_steps(self, steps) -> None:
         """`steps(inputs, num_items_in_batch)` runs forward and backward of a batch (a captured CUDA
-        graph, cudagraphs.GraphedSteps) and returns the loss, or None for a batch it cannot run."""
+        graph, cudagraphs.GraphedSteps) and returns the loss, or None for a batch it cannot run;
+        `steps.release()` lets go of them when training ends."""
         self.graphed_steps = steps
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # The graphs (and their memory pool) hold the trainer and it holds them: without this they
+            # would live until the cycle is collected, through the final predictions and after.
+            if self.graphed_steps is not None:
+                self.graphed_steps.release()
+                self.graphed_steps = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = None
         if self.graphed_steps is not None:
+            # What the Trainer's own training_step does first: after an evaluation (model.eval(), and
+            # a schedule-free optimizer's eval(), which swaps in its averaged weights) back to training.
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
             loss = self.graphed_steps(self._prepare_inputs(inputs), num_items_in_batch)
         if loss is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.loss_watch is not None:
             self.loss_watch.note(loss, self.state.global_step + 1)
         return loss
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Each checkpoint records how many processes write it, first: a resume on another count
+        # rewrites run_record.json, and the older checkpoints must still be judged complete by their
+        # own count of RNG states (results.rundir).
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            rundir.write_checkpoint_record(folder, self.args.world_size)
+        super()._save_checkpoint(model, trial)
 
     def floating_point_ops(self, inputs) -> int:
         # The Trainer's version counts the model's parameters (a walk over every module) for

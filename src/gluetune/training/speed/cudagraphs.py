@@ -1,7 +1,8 @@
 """Whole-step CUDA graphs (`training.cuda_graphs: true`, with the fast path): UNPROVEN, off by default.
 
 Written without a GPU at hand: the pieces that run without CUDA are tested (static buffers, gradient
-buffers, the per-bucket step plan in fastpath), the capture itself has not run yet. A failure to
+buffers, the per-bucket step plan of fastpath.rehearsal_batches, a whole run with an eager stand-in
+for capture and replay), the capture itself has not run yet. A failure to
 capture is caught before training (the run says so in one line and trains without graphs).
 
 Why: a LoRA step on CoLA-sized batches is thousands of small kernels, each launched by the host; a
@@ -17,13 +18,15 @@ The known pitfalls, and what is done about each:
 - the step's example count changes per step: it is a device tensor the graph reads (`items`), filled
   before each replay; the learning rate lives outside the graph;
 - warm-up and capture must not change the starting weights: they run forward and backward only (no
-  optimizer exists yet), and the gradients and random streams are put back (fastpath.attempt);
+  optimizer exists yet), and the gradients and random streams are put back (rollback.attempt);
 - no host sync inside: the loss is normalised by a device tensor; the Trainer's NaN filter is off
   (arguments.trainer_kwargs) and token counting is not asked for; a sync that remains fails the
   capture, which the rehearsal turns into a run without graphs;
 - LoRA dropout's random numbers: `torch.cuda.graph` registers the default CUDA generator, and each
   replay advances its offset, so every replay draws fresh masks (PyTorch's "graph-safe" RNG);
-- evaluation never runs in a graph, and the only graph output read (the loss) is copied at once.
+- evaluation never runs in a graph, and the only graph output read (the loss) is copied at once;
+- the graphs and their memory pool are released when training ends (GluetuneTrainer.train), not
+  whenever the trainer, which they reference, is collected.
 
 Single process, bf16 or fp32 only (fp16's loss scaler skips steps by a host-side check).
 """
@@ -36,7 +39,7 @@ from collections.abc import Iterable
 
 import torch
 
-from . import fastpath
+from .rollback import attempt
 
 logger = logging.getLogger("gluetune")
 
@@ -122,9 +125,16 @@ class GraphedSteps:
         torch.cuda.synchronize()
         return graph, loss
 
-    def replay(self, static: StaticBatch, graph, loss: torch.Tensor) -> torch.Tensor:
+    def replay(self, graph, loss: torch.Tensor) -> torch.Tensor:
         graph.replay()
         return loss
+
+    def release(self) -> None:
+        """Let go of the graphs (their memory pool goes with them), their static inputs and gradient
+        buffers, and the trainer: the end of training."""
+        self.graphs.clear()
+        self.pool = self.grads = None
+        self.trainer = self.model = None
 
     def __call__(self, inputs: dict[str, torch.Tensor], num_items_in_batch) -> torch.Tensor | None:
         """The step's loss (its gradients in `.grad`), or None for a shape without a graph."""
@@ -138,7 +148,7 @@ class GraphedSteps:
         else:
             self.items.fill_(num_items_in_batch)
         self.grads.attach()
-        return self.replay(static, graph, loss).clone()
+        return self.replay(graph, loss).clone()
 
 
 def use_graphs(trainer, train_batches: list[dict], kind: type[GraphedSteps] = GraphedSteps) -> GraphedSteps | None:
@@ -155,7 +165,7 @@ def use_graphs(trainer, train_batches: list[dict], kind: type[GraphedSteps] = Gr
         for batch in train_batches:
             steps.capture(batch)
 
-    failure = fastpath.attempt(trainer, capture_every_shape)
+    failure = attempt(trainer, capture_every_shape)
     if failure is not None:
         logger.warning("training.cuda_graphs: capturing the training step failed (%s); training without CUDA graphs "
                        "instead (same results, slower)", failure)

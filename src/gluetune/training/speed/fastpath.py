@@ -19,7 +19,8 @@ never what it learns (same examples per optimizer step, same schedule):
 - **A rehearsal before training** (`rehearse`): every training shape runs forward and backward once,
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
-  lost. The rehearsal changes no weight, gradient or random stream, and no step is counted.
+  lost. The rehearsal changes no weight, gradient or random stream, and no step is counted
+  (rollback.attempt).
 - **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
   evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
 
@@ -31,13 +32,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from transformers import DataCollatorWithPadding
 
-from .. import distributed
+from .rollback import attempt
 
 logger = logging.getLogger("gluetune")
 
@@ -122,12 +123,17 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     if not enabled(config):
         return []
     layers = repeated_layers(trainer.model)
-    # dynamic=False makes one graph per input shape and mode (training, evaluation); past dynamo's
-    # recompile_limit (8) the layers run eager for good, which long texts (RTE: every bucket up to
-    # max_length) reach within an epoch. Room for every shape the run can make: each bucket in
-    # training, in full evaluation batches, and in each validation split's last batch.
-    shapes = padded(config.dataset.max_length) // BUCKET * (2 + len(config.task.validation_splits))
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+    # dynamic=False makes one graph per input shape and mode (training, evaluation), shared by every
+    # layer (one code object); past dynamo's recompile_limit (8) the layers run eager for good, which
+    # long texts (RTE: every bucket up to max_length) reach within an epoch. Room for every graph the
+    # run can make, per bucket: two in training (the first layer's input, from the frozen embeddings,
+    # does not require grad; the later layers' inputs do: dynamo guards on it), one for full
+    # evaluation batches and one for each validation split's last batch. CUDA graphs capture training
+    # under autocast without its weight cache (cudagraphs.GraphedSteps), which dynamo guards on too:
+    # two more per bucket.
+    training = 2 * (2 if config.training.get("cuda_graphs") else 1)
+    graphs = padded(config.dataset.max_length) // BUCKET * (training + 1 + len(config.task.validation_splits))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     for layer in layers:
         layer.compile(dynamic=False)
     logger.info("fast path: one micro-batch per step (%d rows), %d-token buckets, %d compiled layers",
@@ -146,13 +152,6 @@ def uncompile(layers: Iterable[torch.nn.Module]) -> None:
 
 def padded(length: int, bucket: int = BUCKET) -> int:
     return -(-length // bucket) * bucket
-
-
-def training_shapes(lengths: Iterable[int], rows: int, bucket: int = BUCKET) -> list[tuple[int, int]]:
-    """Every (rows, width) a training micro-batch can have: the step plan the rehearsal compiles
-    (and cudagraphs.py captures) once each. A micro-batch is as wide as its longest example's bucket,
-    so the widths are the buckets of the examples' lengths; filler rows make every one `rows` tall."""
-    return sorted({(rows, padded(n, bucket)) for n in lengths})
 
 
 def evaluation_batches(lengths: list[int], batch_size: int) -> list[range]:
@@ -190,50 +189,18 @@ def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dic
     return train_batches, eval_batches
 
 
-class RandomState:
-    """The CPU and CUDA random streams, to put back after a rehearsal drew from them."""
-
-    def __init__(self):
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-
 def rehearsal_loss(trainer, batch: dict) -> torch.Tensor:
-    """The loss of one batch, computed as the Trainer's training and evaluation steps compute it."""
+    """The loss of one batch, computed as the Trainer's training and evaluation steps compute it.
+
+    Under mixed precision those run the model's forward in the autocast accelerate wraps it in
+    (`Accelerator.prepare_model`, inside `train()`; the Trainer's `compute_loss_context_manager` adds
+    none). The rehearsal comes before that, so it enters the very same autocast itself
+    (`Accelerator.autocast`: the same state, a null context without mixed precision): dynamo guards on
+    the autocast state, and a rehearsal in another precision would compile graphs the first step
+    compiles again, or fail where the fp32 head meets bf16 hidden states."""
     inputs = {k: v.to(trainer.args.device) for k, v in batch.items()}
-    with trainer.compute_loss_context_manager():
+    with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
         return trainer.compute_loss(trainer.model, inputs, num_items_in_batch=torch.ones((), device=trainer.args.device))
-
-
-def attempt(trainer, action: Callable[[], None]) -> str | None:
-    """Run `action` (a rehearsal) leaving the run's starting point as it was; None if it worked on
-    every process, else what failed (the same answer on every process).
-
-    No optimizer exists yet, the gradients are dropped, the random streams put back, the weights
-    only read: the run then starts exactly where it would have without the rehearsal."""
-    model = trainer.model
-    random_state, was_training = RandomState(), model.training
-    failure = None
-    try:
-        action()
-    except Exception as err:  # noqa: BLE001 -- compilers and graph capture fail in many ways; each means: run without them
-        message = str(err).strip()
-        failure = f"{type(err).__name__}: {message.splitlines()[0]}" if message else type(err).__name__
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    try:
-        random_state.restore()
-    except Exception as err:  # noqa: BLE001 -- e.g. a generator a failed capture left registered: say so rather than crash
-        failure = failure or f"restoring the random streams: {type(err).__name__}: {err}".splitlines()[0]
-    if distributed.any_process(failure is not None):
-        return failure or "failed on another process"
-    return None
 
 
 def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layers: list[torch.nn.Module]) -> bool:
@@ -246,21 +213,30 @@ def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layer
     logger.info("fast path: compiling for %d training and %d evaluation shapes before the first step",
                 len(train_batches), len(eval_batches))
 
+    where = ["before the first batch"]  # what the rehearsal was running, for the message if it fails
+
     def run_every_shape():
-        model.train()
-        for batch in train_batches:
-            rehearsal_loss(trainer, batch).backward()
-            model.zero_grad(set_to_none=True)
-        model.eval()
-        with torch.no_grad():
-            for batch in eval_batches:
-                rehearsal_loss(trainer, batch)
+        try:
+            model.train()
+            for batch in train_batches:
+                where[0] = "on a training batch of {} x {} tokens".format(*batch["input_ids"].shape)
+                rehearsal_loss(trainer, batch).backward()
+                model.zero_grad(set_to_none=True)
+            model.eval()
+            with torch.no_grad():
+                for batch in eval_batches:
+                    where[0] = "on an evaluation batch of {} x {} tokens".format(*batch["input_ids"].shape)
+                    rehearsal_loss(trainer, batch)
+            where[0] = ""  # done here (another process may have failed)
+        except torch._dynamo.exc.TorchDynamoException:
+            where[0] += ", compiling the layers"  # dynamo's or its backend's own failure, not the model's
+            raise
 
     failure = attempt(trainer, run_every_shape)
     if failure is not None:
         uncompile(layers)
-        logger.warning("fast path: compiling the layers failed (%s); training with eager layers instead "
-                       "(same results, slower)", failure)
+        logger.warning("fast path: the rehearsal before training failed%s (%s); training with eager layers instead "
+                       "(same results, slower)", f" {where[0]}" if where[0] else "", failure)
         return False
     logger.info("fast path: compiled in %.0f s", time.perf_counter() - started)
     return True
