@@ -141,7 +141,9 @@ def test_two_workers_run_every_enqueued_trial_exactly_once(tiny_qwen, keyword_ta
 def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_task, tmp_path):
     search_dir = tmp_path / "search"
     space = write_space(tmp_path / "space.yaml", [0.005, 0.004, 0.0])
-    result = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 3, "--pruner", "median",
+    # 6 epochs of 8 steps: a tiny run's epoch takes a fraction of a second, and the pruner's stop (a poll,
+    # then a signal) must land before the run has finished by itself
+    result = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 6, "--pruner", "median",
                                   "--startup_trials", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert study_states(search_dir) == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -151,13 +153,13 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_ta
     folder = search_dir / "trials" / "trial-2"
     log = (folder / "train.log").read_text()
     assert "stopped by signal 15" in log and "search: trial 2 pruned by the median pruner" in log
-    assert not (folder / "metrics.json").exists()  # stopped before its 3 epochs, with a checkpoint to resume
+    assert not (folder / "metrics.json").exists()  # stopped before its 6 epochs, with a checkpoint to resume
     steps = sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
-    assert steps and steps[-1] < 24
+    assert steps and steps[-1] < 48
     assert "| 2 | pruned | 0.6255 | 1 |" in (search_dir / "trials.md").read_text()
 
     # The finished study again, with a confirmation of the best trial over another seed
-    confirmed = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 3, "--pruner", "median",
+    confirmed = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 6, "--pruner", "median",
                                      "--startup_trials", "2", "--confirm_seeds", "7"))
     assert confirmed.returncode == 0, confirmed.stderr[-3000:]
     assert study_states(search_dir) == ["COMPLETE", "COMPLETE", "PRUNED"]  # no trial added

@@ -164,6 +164,23 @@ def test_the_last_evaluation_is_never_offered_to_a_pruner(tmp_path, monkeypatch)
     assert watch.offered == 1 and watch.record.curve == [0.25]
 
 
+def test_a_run_that_wrote_its_last_evaluation_is_offered_none_of_it(tmp_path, monkeypatch):
+    """A fast run may write several evaluations between two polls: once its last is written it ends by
+    itself, and a pruner's stop would cut its final save short (seen: a tiny trial pruned after its 3rd
+    epoch by its 1st, with no metrics.json)."""
+    from gluetune.search import trialrun
+    from gluetune.search.trials import TrialRecord
+
+    monkeypatch.setattr(trialrun, "POLL_S", 0.01)
+    folder = tmp_path / "trial-0"
+    folder.mkdir()
+    watch = trialrun.TrialRun(TrialRecord(0, {}, str(folder), "optuna"), _Run(folder), "matthews_correlation")
+    _checkpoint(folder, 24, [0.25, 0.5, 0.75], max_steps=24)  # all three at once, the last among them
+    polls = []
+    assert list(watch.evaluations(stopping=lambda: polls.append(1) or len(polls) > 50)) == []
+    assert watch.offered == 0 and len(polls) < 50  # it returned at once, for `finish`
+
+
 @pytest.mark.slow
 def test_a_trial_of_max_steps_is_not_pruned_at_its_last_evaluation(tiny_qwen, keyword_task, tmp_path):  # noqa: F811
     """training.max_steps=8: one evaluation, the last; trial 1 (lr 0, MCC 0.63 against 1.0) is worse

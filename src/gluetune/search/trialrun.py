@@ -3,7 +3,8 @@
 The run is a normal gluetune run in the trial's folder (runner.RunProcess). `evaluations()` gives
 each evaluation as the run writes it, to be reported to the engine and judged by its pruner, but
 never the run's last one (`runner.is_last_evaluation`: at the Trainer's last optimizer step, however
-the config sets the length): a stop then would save nothing but the final metrics. `prune()` stops
+the config sets the length), nor any once the last is written: a stop then would save nothing but the
+final metrics, or cut them short. `prune()` stops
 the run through its graceful stop (a checkpoint) and says why in its record and log; `finish()`
 waits for the run and records how it ended. The record (`trials.TrialRecord`) is written to the
 trial's folder and handed to `publish` (the Optuna engine keeps it in the study too, where every
@@ -59,7 +60,11 @@ class TrialRun:
             if code is not None:
                 return
             rows, max_steps = progress(self.run.folder)
-            while self.offered < len(rows) and not is_last_evaluation(rows[self.offered], max_steps):
+            if any(is_last_evaluation(row, max_steps) for row in rows):
+                # Ending by itself (a fast run can write several evaluations between two polls): a
+                # stop now would cut its final save short; `finish` hands its evaluations to the engine.
+                return
+            while self.offered < len(rows):
                 value = rows[self.offered].get(self.metric)
                 self.offered += 1
                 self.record.curve.append(value)
