@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from machine import cpu_info  # bench/machine.py (the scripts run as python bench/<name>.py)
+
 
 def linear_flops(model) -> dict[str, float]:
     """{"frozen": sum in*out of frozen linears, "lora": sum r*(in+out), "full": sum in*out of linears
@@ -45,24 +47,13 @@ def linear_flops(model) -> dict[str, float]:
 
 
 def run_flops(shapes: dict[str, float], train_tokens: float, train_sequences: float, mean_length: float,
-              eval_tokens: float, pooled_per_sequence: bool = True) -> float:
+              eval_tokens: float) -> float:
     """FLOPs of a training run: its training steps and its evaluations (see the module's docstring).
     Modules trained in full (pooler, head) read one vector per sequence."""
     per_token = 4 * shapes["frozen"] + 6 * shapes["lora"] + 12 * mean_length * shapes["attention_width"]
     training = per_token * train_tokens + 6 * shapes["full"] * train_sequences
     evaluation = (2 * shapes["frozen"] + 2 * shapes["lora"] + 4 * mean_length * shapes["attention_width"]) * eval_tokens
     return training + evaluation
-
-
-def cpu_info(field: str) -> str:
-    """The first value of a /proc/cpuinfo field ("flags", "vendor_id", "cpu family"); "" where absent."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == field:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def clock_ghz() -> float | None:

@@ -6,11 +6,16 @@ import platform
 from pathlib import Path
 
 
-def cpu_name() -> str:
+def cpu_info(field: str) -> str:
+    """The first value of a /proc/cpuinfo field ("model name", "flags", "vendor_id", "cpu family"); "" where absent."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_name() -> str:
+    return cpu_info("model name") or platform.processor() or platform.machine()

@@ -350,9 +350,9 @@ def run_report(args) -> int:
     from .search.report import write_report
 
     folder = Path(args.folder)
-    if (folder / study.SPEC_FILENAME).is_file() and (args.storage or study.SearchSpec.read(folder).storage):
+    spec = study.SearchSpec.read(folder, storage=args.storage) if (folder / study.SPEC_FILENAME).is_file() else None
+    if spec is not None and (args.storage or spec.storage):
         # A search in a database: the table again from the study, with every machine's trials.
-        spec = study.SearchSpec.read(folder, storage=args.storage)
         try:
             study.summarize(spec)
         except UserError as err:

@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 
 from ..config.run import load_config
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..files import atomic_write_json
 from . import trials
 from .study import RAY_FOLDER, SPEC_FILENAME, SearchSpec
@@ -68,17 +68,17 @@ def connect(address: str | None):
             # Ray 2.59+: a cluster started where ~/.ray/auth_token exists checks a token, and Ray reports a
             # client without the right one as a cluster it cannot connect to (InvalidAuthToken in the cause).
             raise UserError(f"the Ray cluster at {address} refused this machine's authentication token "
-                            f"({str(err).splitlines()[0]}); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+                            f"({one_line(err)}); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
                             "cluster's token, which `ray get-auth-token` prints on the head node (or RAY_AUTH_TOKEN_PATH "
                             "to a file holding it)") from None
-        raise UserError(f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0]}); start one with "
+        raise UserError(f"cannot reach the Ray cluster at {address} ({one_line(err)}); start one with "
                         "`ray start --head`, or give its address with --address / RAY_ADDRESS") from None
     except (AuthenticationError, RuntimeError) as err:
         if "authentication" not in str(err).lower():
             raise
         # Ray 2.59+: a cluster started where ~/.ray/auth_token exists uses token authentication, and a
         # driver given an explicit address does not turn it on by itself.
-        raise UserError(f"the Ray cluster at {address} asks for its token ({str(err).splitlines()[0]}); set "
+        raise UserError(f"the Ray cluster at {address} asks for its token ({one_line(err)}); set "
                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
                         "which `ray get-auth-token` prints on the head node") from None
     return ray.cluster_resources()

@@ -99,9 +99,6 @@ class RunProcess:
     def seconds(self) -> float:
         return time.time() - self.started
 
-    def evaluations(self) -> list[dict]:
-        return evaluations(self.folder)
-
     def last_log_line(self) -> str:
         lines = _log_tail(self.folder).strip().splitlines()
         return lines[-1] if lines else "no output"
@@ -127,16 +124,12 @@ def _log_tail(folder: Path, size: int = 4096) -> str:
         return ""
 
 
-def evaluations(folder: Path) -> list[dict]:
-    """The run's evaluations so far, oldest first (`metrics.epoch_history` rows): from metrics.json
-    once finished, else from the latest complete checkpoint; [] before the first one."""
-    return progress(folder)[0]
-
-
 def progress(folder: Path) -> tuple[list[dict], int | None]:
-    """The run's evaluations so far (as `evaluations`) and its last optimizer step, `max_steps`, as
-    the Trainer computed it (from num_train_epochs, its default 3, or training.max_steps), read from
-    the same checkpoint; None once the run has finished or before its first checkpoint."""
+    """The run's evaluations so far, oldest first (`metrics.epoch_history` rows: from metrics.json
+    once finished, else from the latest complete checkpoint; [] before the first one), and its last
+    optimizer step, `max_steps`, as the Trainer computed it (from num_train_epochs, its default 3, or
+    training.max_steps), read from the same checkpoint; None once the run has finished or before its
+    first checkpoint."""
     folder = Path(folder)
     if rundir.is_finished(folder):
         return read_metrics(folder).get("history", []), None

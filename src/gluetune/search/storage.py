@@ -25,7 +25,7 @@ import re
 import time
 import zlib
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 HEARTBEAT_ENV = "GLUETUNE_HEARTBEAT_S"
 DEFAULT_HEARTBEAT_S = 30.0
@@ -123,7 +123,7 @@ def storage_error(url: str, err: BaseException) -> UserError:
     while seen is not None and len(chain) < 5:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    text = one_line(err) or type(err).__name__
     if password:
         text = text.replace(password, "***")
     low = " ".join(str(e) for e in chain).lower()

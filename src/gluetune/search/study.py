@@ -130,11 +130,13 @@ class SearchSpec:
         """A trial's full config, as its run saved it (for a trial another machine ran)."""
         return load_config(self.config, self.trial_overrides(record.params, Path(record.folder))).to_dict()
 
+    def target(self) -> str:
+        """The study's database URL (its password masked) or journal file."""
+        return databases.masked(self.storage) if self.storage else str(self.folder / JOURNAL_FILENAME)
+
     def where(self) -> str:
         """The study, as messages name it (never with a password)."""
-        if self.storage:
-            return f"--storage {databases.masked(self.storage)}"
-        return str(self.folder / JOURNAL_FILENAME)
+        return f"--storage {self.target()}" if self.storage else self.target()
 
 
 def _saved(folder: Path) -> dict:
@@ -342,7 +344,7 @@ def run_search(spec: SearchSpec, jobs: int | None, settings: dict, on_study=None
             _wait_for_old_workers(spec.folder)
         store = make_storage(spec)
         study, retried, first_seed = prepare_study(spec, store, settings, jobs)
-        target = databases.masked(spec.storage) if spec.storage else str(spec.folder / JOURNAL_FILENAME)
+        target = spec.target()
         logger.info("study '%s' in %s (watch it live: %s)", spec.study_name, target, command_line(target))
         if retried:
             logger.info("%d trial(s) of a stopped search will run again, from their last checkpoint", retried)

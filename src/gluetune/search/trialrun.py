@@ -83,8 +83,7 @@ class TrialRun:
     def stop(self, why: str) -> None:
         """Stop the run gracefully (a checkpoint) and leave the trial unfinished: it resumes later."""
         self.run.stop()
-        with open(Path(self.record.folder) / "train.log", "a") as log:
-            log.write(f"[gluetune] search: trial {self.record.number} {why}\n")
+        self.record.log(why)
 
     def finish(self) -> str:
         """Wait for the run and record how it ended: 'complete' (its score in `record.value`) or 'failed'."""

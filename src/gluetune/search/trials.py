@@ -22,6 +22,7 @@ import yaml
 from ..config.reading import yaml_value
 from ..config.run import CONFIG_FILENAME
 from ..files import atomic_write_json, atomic_write_text
+from .runner import LOG_FILENAME
 from .summary import seed_scores, write_table
 
 TRIAL_FILENAME = "trial.json"
@@ -58,8 +59,12 @@ class TrialRecord:
         self.state, self.value, self.seconds, self.reason = state, value, round(seconds, 1), reason
         self.save()
         if reason:  # the run's own log says how it ended, beside "stopped by signal 15"
-            with open(Path(self.folder) / "train.log", "a") as log:
-                log.write(f"[gluetune] search: trial {self.number} {reason}\n")
+            self.log(reason)
+
+    def log(self, text: str) -> None:
+        """A line in the run's own log, from the search."""
+        with open(Path(self.folder) / LOG_FILENAME, "a") as log:
+            log.write(f"[gluetune] search: trial {self.number} {text}\n")
 
     @classmethod
     def read(cls, folder: Path) -> TrialRecord:
@@ -132,16 +137,11 @@ def importances(trials: list[TrialRecord], space, maximize: bool) -> dict[str, f
     return dict(sorted(((k, float(v)) for k, v in found.items()), key=lambda kv: (-kv[1], kv[0])))
 
 
-def write_best_config(search_dir: Path, best: TrialRecord, config_of=None) -> Path | None:
+def write_best_config(search_dir: Path, best: TrialRecord, config_of) -> Path:
     """The best trial's resolved config, writing to `<search_dir>/best` instead of the trial's folder:
     read from the trial's folder, or made by `config_of(best)` where the folder is on another machine."""
     saved = Path(best.folder) / CONFIG_FILENAME
-    if saved.is_file():
-        config = yaml.safe_load(saved.read_text())
-    elif config_of is not None:
-        config = config_of(best)
-    else:
-        return None
+    config = yaml.safe_load(saved.read_text()) if saved.is_file() else config_of(best)
     out = (Path(search_dir) / "best").resolve()
     config["training"]["output_dir"] = str(out)
     config["training"]["logging_dir"] = str(out / "logs")
@@ -152,11 +152,10 @@ def write_best_config(search_dir: Path, best: TrialRecord, config_of=None) -> Pa
     return path
 
 
-def write_results(search_dir: Path, metric: str, maximize: bool, space, records: list[TrialRecord] | None = None,
-                  config_of=None) -> list[dict]:
-    """trials.csv/.md, importances.json and best_config.yaml from `records` (default: the trial
-    folders' records); the table's rows."""
-    trials = ranked(read_trials(search_dir) if records is None else records, maximize)
+def write_results(search_dir: Path, metric: str, maximize: bool, space, records: list[TrialRecord],
+                  config_of) -> list[dict]:
+    """trials.csv/.md, importances.json and best_config.yaml from `records`; the table's rows."""
+    trials = ranked(records, maximize)
     if not trials:
         return []
     rows = trial_rows(trials, metric)

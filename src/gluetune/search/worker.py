@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..console import setup_logging
+from ..errors import one_line
 from . import storage as databases
 from . import trials
 from .study import (
@@ -54,7 +55,7 @@ class _Heartbeat:
                         optuna.storages.fail_stale_trials(study)
                     except Exception as err:  # noqa: BLE001 (the server away a moment: beat again next time)
                         logger.warning("heartbeat of trial id %d not recorded (%s)", trial_id,
-                                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+                                       one_line(err) or type(err).__name__)
 
             threading.Thread(target=beat, daemon=True).start()
 
@@ -123,7 +124,7 @@ def worker_main(search_dir: str, index: int, seed: int | None = None) -> int:
     failures = 0
     while (trial := next_trial(spec, study, store, stopping)) is not None:
         values = {p.key: p.value_of(p.suggest(trial)) for p in space.parameters}
-        first = databases.retry_callback_class().retried_trial_number(study.get_trials(deepcopy=False)[trial.number])
+        first = databases.retry_callback_class().retried_trial_number(store.get_trial(trial._trial_id))
         number = trial.number if first is None else first  # a retried trial resumes its first trial's run
         heartbeat = _Heartbeat(store, trial._trial_id, study)
         try:

@@ -36,6 +36,10 @@ def precision_of(args: TrainingArguments) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
+def optimizer_name(args: TrainingArguments) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
 def precision_settings(kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """bf16/fp16 as asked where the device has them natively, else the nearest that runs well.
 
@@ -92,7 +96,7 @@ def training_arguments(config: RunConfig, quiet: bool = False, precision: str | 
     accelerators, more = accelerator_settings(kwargs, cuda_available())
     kwargs.update(precision)
     kwargs.update(accelerators)
-    if kwargs.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+    if kwargs.get("deepspeed") and not has_module("deepspeed"):
         raise UserError(f"{config.source}: training.deepspeed: the deepspeed package is not installed (pip install "
                         "deepspeed; it needs CUDA); configs/accelerate/fsdp.yaml shards without it")
     kwargs["report_to"], _ = reporting(kwargs.get("report_to"))
@@ -141,7 +145,7 @@ def check_cuda_graphs(config: RunConfig, args: TrainingArguments) -> None:
         raise UserError(f"{where}: this process sees {args.n_gpu} GPUs and would drive them as DataParallel, but a "
                         "step is captured on one GPU; show it one (CUDA_VISIBLE_DEVICES=0) or set "
                         "training.cuda_graphs=false")
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = optimizer_name(args)
     if optim in UPDATE_IN_BACKWARD or optim.endswith("_layerwise"):
         raise UserError(f"{where}: training.optim {optim} updates the weights inside the backward pass, which a "
                         "captured step cannot do; choose another optimizer (e.g. adamw_torch) or set "

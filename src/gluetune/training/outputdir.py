@@ -21,7 +21,6 @@ from ..results.rundir import (
     RECORD_FILENAME,
     checkpoints,
     describe_batch,
-    latest_checkpoint,
     missing_from_checkpoint,
     read_record,
     recorded_processes,
@@ -199,14 +198,17 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
             )
         return None
     processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
+    complete = []
     for partial in checkpoints(folder):
         missing = missing_from_checkpoint(partial, processes)
         if missing:
             logger.warning("removing %s: it was being written when the run stopped (no %s)", partial,
                            ", ".join(missing))
             shutil.rmtree(partial)
+        else:
+            complete.append(partial)
     if resume == "auto":
-        checkpoint = latest_checkpoint(folder)
+        checkpoint = complete[-1] if complete else None
         if checkpoint is None and CONFIG_FILENAME in contents:  # a run began here (not a sweep's fresh folder)
             logger.warning("no complete checkpoint in %s: starting from the beginning", folder)
         return checkpoint

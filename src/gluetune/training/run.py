@@ -31,7 +31,15 @@ from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
 from . import distributed, outputdir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
-from .machine import batch_factors, cuda_available, device_name, precision_of, reporting, training_arguments
+from .machine import (
+    batch_factors,
+    cuda_available,
+    device_name,
+    optimizer_name,
+    precision_of,
+    reporting,
+    training_arguments,
+)
 from .progress import ConsoleProgress
 from .speed import cudagraphs, fastpath
 from .speed.cpu import use_fast_cpu_dropout
@@ -107,7 +115,7 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
         outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
                                precision_of(args),
                                quantization.describe(config.model.quantization) if config.model.quantization else None,
-                               optimizer=str(getattr(args.optim, "value", args.optim)))
+                               optimizer=optimizer_name(args))
         logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
