@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
 CONFIG = ROOT / "configs" / "glue_cola_qwen.yaml"
-SMOKE_EXAMPLES = 256
+# --smoke checks the pipeline, not the numbers: this many training and validation sentences.
+SMOKE_EXAMPLES = 128
 
 
 def build_random_model(model_config: Path, tokenizer: Path, folder: Path, smoke: bool) -> None:
@@ -134,7 +135,7 @@ def run_gluetune(model: Path, glue_dir: Path, out: Path, epochs: float, extra_ov
     overrides = [f"model.name_or_path={model}", f"dataset.data_dir={glue_dir}", f"training.output_dir={out}",
                  f"training.num_train_epochs={epochs}", *extra_overrides]
     if smoke:
-        overrides.append(f"dataset.max_train_samples={SMOKE_EXAMPLES}")
+        overrides += [f"dataset.max_train_samples={SMOKE_EXAMPLES}", f"dataset.max_eval_samples={SMOKE_EXAMPLES}"]
     if max_steps:
         overrides.append(f"training.max_steps={max_steps}")
     if torch.cuda.is_available():
@@ -179,7 +180,10 @@ def run_baseline(model: Path, glue_dir: Path, out: Path, epochs: float, smoke: b
     if smoke:
         train = train.select(range(SMOKE_EXAMPLES))
     train = train.map(encode, batched=True)
-    dev = read_glue_split(glue_dir, cola, "validation").map(encode, batched=True)
+    dev = read_glue_split(glue_dir, cola, "validation")
+    if smoke:
+        dev = dev.select(range(SMOKE_EXAMPLES))
+    dev = dev.map(encode, batched=True)
     # fp32 master weights under bf16 autocast: the standard mixed-precision recipe (transformers v4's
     # default load, as run_glue.py + PEFT tutorials use it).
     base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, pad_token_id=tokenizer.pad_token_id,
@@ -274,7 +278,8 @@ def main() -> None:
                         help="optimizer steps each kind of contender runs first; a failure stops the benchmark (0: no probes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every gluetune contender, repeatable")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model and 256 examples: checks the script, any device")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"a tiny model, {SMOKE_EXAMPLES} sentences to train on and to evaluate: checks the script anywhere")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()

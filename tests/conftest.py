@@ -37,9 +37,26 @@ def pytest_sessionstart(session):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The modules that take longest (python -m pytest --durations=0), longest first. xdist hands out whole
+# modules (--dist loadscope) in collection order: begun first, the long ones do not leave one worker
+# finishing a long module alone while the other has nothing left (replayed on one run's durations:
+# 529 s per worker instead of 514 and 544).
+LONG_MODULES = ("search/test_search.py", "training/test_distributed.py", "search/test_sweep.py", "test_bench.py",
+                "training/test_resilience.py", "results/test_submission.py", "model/test_qlora.py",
+                "training/test_fastpath.py", "training/test_trust.py", "training/test_train.py",
+                "search/test_search_db.py", "results/test_export.py", "search/test_search_rules.py",
+                "model/test_decoder.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Away from this project's machines (no ../shared), tests that need its files skip with a
-    reason; everything else runs."""
+    """Long modules first (LONG_MODULES); away from this project's machines (no ../shared), tests
+    that need its files skip with a reason; everything else runs."""
+
+    def rank(item) -> int:
+        path = item.path.relative_to(Path(__file__).parent).as_posix()
+        return LONG_MODULES.index(path) if path in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
     if HAVE_SHARED:
         return
     import inspect
@@ -155,39 +172,45 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     )
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
+def run_main(*args: str) -> subprocess.CompletedProcess:
     """Run a command of the project in this process, as `run_cli` runs it in a fresh one (`train.py ...`,
     `inference.py ...`, `-m gluetune ...`): the same exit status, stdout and stderr, without a new
-    interpreter's start-up (torch, transformers: seconds each here). For what a command prints and
-    returns; kills, signals, launchers and terminals need `run_cli`."""
+    interpreter's start-up (torch, transformers, peft: about 5 s of CPU each here). For what a command
+    prints and returns; kills, signals, launchers and terminals need `run_cli`. The runs a sweep or a
+    search starts are processes of their own either way; their output is not captured here."""
+    import contextlib
+    import io
     import logging
 
     from gluetune.cli import main
 
-    monkeypatch.chdir(ROOT)
     logger = logging.getLogger("gluetune")
     scripts = {"train.py": "train", "inference.py": "predict"}
+    argv, prog = list(args), None
+    if argv[:2] == ["-m", "gluetune"]:
+        argv = argv[2:]
+    elif argv[0] in scripts:
+        argv, prog = [scripts[argv[0]], *argv[1:]], argv[0]
+    saved = logger.handlers[:], logger.level, logger.propagate
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv, prog=prog)
+            except SystemExit as stop:  # argparse's usage errors
+                code = stop.code if isinstance(stop.code, int) else 2
+    finally:  # the command sets up logging for its process; the next test's logging is its own
+        os.chdir(cwd)
+        logger.handlers[:], logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        argv, prog = list(args), None
-        if argv[:2] == ["-m", "gluetune"]:
-            argv = argv[2:]
-        elif argv[0] in scripts:
-            argv, prog = [scripts[argv[0]], *argv[1:]], argv[0]
-        saved = logger.handlers[:], logger.level, logger.propagate
-        capsys.readouterr()
-        try:
-            code = main(argv, prog=prog)
-        except SystemExit as stop:  # argparse's usage errors
-            code = stop.code if isinstance(stop.code, int) else 2
-        finally:  # the command sets up logging for its process; the next test's logging is its own
-            logger.handlers[:], logger.propagate = saved[0], saved[2]
-            logger.setLevel(saved[1])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
-    return run
+@pytest.fixture
+def cli():
+    """`run_main` as a fixture, for the tests that ask for it by name."""
+    return run_main
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -13,8 +13,8 @@ def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
 
 
 def test_gpu_bench_pipeline_on_a_tiny_model():
-    """The prepared GPU command, shrunk (--smoke): random-weight model folder, gluetune, baseline."""
-    result = run_cli("bench/gpu_qwen.py", "--smoke", "--epochs", "1")
+    """The prepared GPU command, shrunk (--smoke, 3-step probes): random-weight model folder, gluetune, baseline."""
+    result = run_cli("bench/gpu_qwen.py", "--smoke", "--epochs", "1", "--probe_steps", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("gluetune ") and "wall_s=" in line and "peak_gpu_gb=" in line for line in lines), lines
@@ -22,7 +22,8 @@ def test_gpu_bench_pipeline_on_a_tiny_model():
     assert all(float(line.split("real_tokens/s=")[1].split()[0]) > 0 for line in lines if "real_tokens/s=" in line), lines
     assert any(line.startswith("baseline ") and "mcc=" in line for line in lines), lines
     # each kind first ran its short probe; each run printed its epochs' train and evaluation seconds
-    assert [line.split()[1] for line in lines if line.startswith("probe ")] == ["gluetune", "baseline"], lines
+    probes = [line.split() for line in lines if line.startswith("probe ")]
+    assert [(probe[1], probe[2]) for probe in probes] == [("gluetune", "3"), ("baseline", "3")], lines
     per_epoch = [line for line in lines if "per epoch: train_s" in line]
     assert len(per_epoch) == 2 and all(len(line.split("train_s")[1].split("|")[0].split()) == 1 for line in per_epoch)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, run_cli
+from conftest import REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, run_cli, run_main
 
 pytest.importorskip("optuna")
 
@@ -94,10 +94,10 @@ def starts(search_dir, number: int) -> int:
     ("peft.lora_r: {choice: [8, 16]}\nenqueue: [{peft.lora_r: 32}]", ["enqueue[0]: peft.lora_r=32 is outside the space"]),
     ("lora_r: {choice: [8, 16]}", ["lora_r: expected a section.key name"]),
 ])
-def test_bad_space_files_get_one_line(tmp_path, text, fragments):
+def test_bad_space_files_get_one_line(tmp_path, cli, text, fragments):
     space = tmp_path / "space.yaml"
     space.write_text(text + "\n")
-    result = run_cli("-m", "gluetune", "search", "--config", str(ROOT / "configs" / "glue_cola_minilm_cpu.yaml"),
+    result = cli("-m", "gluetune", "search", "--config", str(ROOT / "configs" / "glue_cola_minilm_cpu.yaml"),
                      "--space", str(space), "--search_dir", str(tmp_path / "search"))
     assert_one_line_error(result, str(space), *fragments)
     assert not (tmp_path / "search").exists()
@@ -121,8 +121,8 @@ def test_missing_engine_is_one_line_naming_the_install(tmp_path, blocked, engine
 def test_two_workers_run_every_enqueued_trial_exactly_once(tiny_qwen, keyword_task, tmp_path):
     rates = [0.005, 0.004, 0.003, 0.002]
     search_dir = tmp_path / "search"
-    result = run_cli(*search_args(tiny_qwen, keyword_task, write_space(tmp_path / "space.yaml", rates), search_dir,
-                                  len(rates), 1, "--jobs", "2", "--pruner", "none"))
+    result = run_main(*search_args(tiny_qwen, keyword_task, write_space(tmp_path / "space.yaml", rates), search_dir,
+                                   len(rates), 1, "--jobs", "2", "--pruner", "none"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert study_states(search_dir) == ["COMPLETE"] * 4
     assert sorted(record(search_dir, n)["params"]["training.learning_rate"] for n in range(4)) == sorted(rates)
@@ -143,8 +143,8 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_ta
     space = write_space(tmp_path / "space.yaml", [0.005, 0.004, 0.0])
     # 6 epochs of 8 steps: a tiny run's epoch takes a fraction of a second, and the pruner's stop (a poll,
     # then a signal) must land before the run has finished by itself
-    result = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 6, "--pruner", "median",
-                                  "--startup_trials", "2"))
+    result = run_main(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 6, "--pruner", "median",
+                                   "--startup_trials", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert study_states(search_dir) == ["COMPLETE", "COMPLETE", "PRUNED"]
     pruned = record(search_dir, 2)
@@ -159,8 +159,8 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_ta
     assert "| 2 | pruned | 0.6255 | 1 |" in (search_dir / "trials.md").read_text()
 
     # The finished study again, with a confirmation of the best trial over another seed
-    confirmed = run_cli(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 6, "--pruner", "median",
-                                     "--startup_trials", "2", "--confirm_seeds", "7"))
+    confirmed = run_main(*search_args(tiny_qwen, keyword_task, space, search_dir, 3, 6, "--pruner", "median",
+                                      "--startup_trials", "2", "--confirm_seeds", "7"))
     assert confirmed.returncode == 0, confirmed.stderr[-3000:]
     assert study_states(search_dir) == ["COMPLETE", "COMPLETE", "PRUNED"]  # no trial added
     entry = json.loads((search_dir / "confirmation.json").read_text())[0]
@@ -171,7 +171,7 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_ta
     assert "## Confirmed over seeds" in (search_dir / "report.md").read_text()
 
     # The best setting as a config file that `gluetune train` runs as is: the best trial again, to the digit
-    best = run_cli("-m", "gluetune", "train", "--config", str(search_dir / "best_config.yaml"))
+    best = run_main("-m", "gluetune", "train", "--config", str(search_dir / "best_config.yaml"))
     assert best.returncode == 0, best.stderr[-3000:]
     trained = json.loads((search_dir / "best" / "metrics.json").read_text())["validation"]["matthews_correlation"]
     assert trained == record(search_dir, entry["trial"])["value"]

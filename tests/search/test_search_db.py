@@ -19,7 +19,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import REFERENCE_CONFIG, ROOT, run_cli
+from conftest import REFERENCE_CONFIG, ROOT, run_main
 from test_search import keyword_task, record, search_args, starts, write_space  # noqa: F401 (keyword_task: a fixture)
 
 pytest.importorskip("optuna")
@@ -75,7 +75,7 @@ def shared_study(postgres, tiny_qwen, keyword_task, tmp_path_factory):  # noqa: 
 def test_a_second_machine_resumes_the_study_with_no_repeat_and_reports_it(shared_study):
     assert "| 0 **(best)** | complete | 1.0000 | 1 |" in shared_study.first.stdout
     assert [s["study_name"] for s in shared_study.studies] == ["gluetune-search"]  # served while it ran
-    second = run_cli(*shared_study.args("machine-b"))
+    second = run_main(*shared_study.args("machine-b"))  # in this process: its start-up is not under test
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"study 'gluetune-search' in {shared_study.url}" in second.stderr  # (no password to mask)
     machine_b = shared_study.folder / "machine-b"

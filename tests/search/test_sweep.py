@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import REFERENCE_CONFIG, as_set_args, run_cli, tiny_overrides
+from conftest import REFERENCE_CONFIG, as_set_args, assert_one_line_error, run_main, tiny_overrides
 
 from gluetune.search.sweep import parse_grid, setting_name
 
@@ -27,9 +27,9 @@ def primary(folder) -> tuple[float, float]:
 def half_then_full(tiny_qwen, tmp_path_factory):
     """A sweep stopped after its first seed, then the full command: (first result, second result, dir)."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "lr"
-    first = run_cli(*sweep_args(tiny_qwen, sweep_dir, seeds="1"))
+    first = run_main(*sweep_args(tiny_qwen, sweep_dir, seeds="1"))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(*sweep_args(tiny_qwen, sweep_dir, seeds="1,2"))
+    second = run_main(*sweep_args(tiny_qwen, sweep_dir, seeds="1,2"))
     assert second.returncode == 0, second.stderr[-3000:]
     return first, second, sweep_dir
 
@@ -59,6 +59,14 @@ def test_resumed_sweep_skips_finished_runs(half_then_full):
     _, second, _ = half_then_full
     assert second.stderr.count("done before") == 2
     assert "[2/4] learning_rate=1e-3 seed 2: matthews_correlation" in second.stderr
+
+
+def test_a_sweep_folder_made_with_other_base_settings_is_refused(tiny_qwen, half_then_full, cli):
+    _, _, sweep_dir = half_then_full
+    summary = (sweep_dir / "summary.csv").read_text()
+    other = cli(*sweep_args(tiny_qwen, sweep_dir), "--set", "training.weight_decay=0.1")
+    assert_one_line_error(other, "other settings", "training.weight_decay")
+    assert (sweep_dir / "summary.csv").read_text() == summary
 
 
 def test_summary_figures_match_the_runs(half_then_full):

@@ -146,15 +146,15 @@ def test_the_step_plan_has_every_shape_an_epoch_uses(tiny_qwen, tmp_path):
     assert all((b["labels"] != -100).any() for b in train_batches)
 
 
-def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path):
-    from conftest import as_set_args, assert_one_line_error, run_cli
+def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path, cli):
+    from conftest import as_set_args, assert_one_line_error
 
     from gluetune.errors import UserError
 
     with pytest.raises(UserError, match=r"training.cuda_graphs needs training.fast_path: true"):
         load_config(REFERENCE_CONFIG, ["training.cuda_graphs=true"])
     overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", "training.cuda_graphs=true"]
-    result = run_cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert_one_line_error(result, "training.cuda_graphs", "need a CUDA GPU", "cuda_graphs=false")
     assert not (tmp_path / "run").exists()
 
@@ -194,8 +194,8 @@ def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_pa
     rte = ["dataset.subset=rte", "dataset.text_column=null", "training.metric_for_best_model=accuracy",
            "training.fast_path=true", "training.report_to=none"]
     with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
-        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=320, evals=64) + rte)).metrics
-    assert summary["train"]["steps"] == 10
+        summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=160, evals=32) + rte)).metrics
+    assert summary["train"]["steps"] == 5
     assert "rehearsal before training failed" not in caplog.text  # the layers would run eager
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])  # past the default limit

@@ -67,18 +67,25 @@ def uninterrupted(tiny_qwen, tmp_path_factory):
     return out
 
 
-def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, uninterrupted, cli):
-    """Killed at step 11, in epoch 2 (steps 9-16) between checkpoint-9 and checkpoint-12: the resume
-    skips into the middle of epoch 2 and must see that epoch's order, RNG and optimizer state."""
-    out = tmp_path / "killed"
+@pytest.fixture(scope="module")
+def killed(tiny_qwen, tmp_path_factory):
+    """A run SIGKILLed at step 13, in epoch 2 (steps 9-16), after checkpoint-12 and before checkpoint-15;
+    two tests resume copies of it."""
+    out = tmp_path_factory.mktemp("resilience") / "killed"
     process = start_training(tiny_qwen, out)
-    kill_at(process, "[gluetune] step 11/32")
+    kill_at(process, "[gluetune] step 13/32")
     assert process.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
-    assert latest_checkpoint(out).name == "checkpoint-9"
+    assert latest_checkpoint(out).name == "checkpoint-12"
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, killed, uninterrupted, cli):
+    """The resume skips into the middle of epoch 2 and must see that epoch's order, RNG and optimizer state."""
+    out = copy_run(killed, tmp_path / "killed")
     resumed = cli(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
-    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"] == "checkpoint-9"
+    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"] == "checkpoint-12"
     assert_same_metrics(validation(out), validation(uninterrupted))
     # the training loss of the whole run, not of the part after the resume
     assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
@@ -119,17 +126,14 @@ def test_sigterm_mid_epoch_neither_evaluates_nor_saves_again_at_the_epoch_end(ti
     assert not any("eval_loss" in entry for entry in history)
 
 
-def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, uninterrupted, cli):
-    out = tmp_path / "torn"
-    process = start_training(tiny_qwen, out)
-    wait_for(out / "checkpoint-12" / "trainer_state.json", process)
-    process.kill()
-    process.wait()
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, killed, uninterrupted, cli):
+    out = copy_run(killed, tmp_path / "torn")
     # What a kill during the save of checkpoint-12 leaves: weights written, trainer state not yet.
     (out / "checkpoint-12" / "trainer_state.json").unlink()
     resumed = cli(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "checkpoint-9" in resumed.stderr and "was being written" in resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"] == "checkpoint-9"
     assert_same_metrics(validation(out), validation(uninterrupted))
 
 

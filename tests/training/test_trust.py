@@ -198,15 +198,6 @@ def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path, fini
     assert moved.returncode == 0 and "nothing to do" in moved.stderr  # output paths are not settings
 
 
-def test_sweep_refuses_a_folder_made_with_other_base_settings(tiny_qwen, tmp_path, cli):
-    base = as_set_args(tiny_overrides(tiny_qwen, tmp_path / "unused", train=32, evals=16))
-    sweep = ["-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *base, "--seeds", "1",
-             "--sweep_dir", str(tmp_path / "sweep")]
-    assert cli(*sweep).returncode == 0
-    other = cli(*sweep, "--set", "training.learning_rate=1e-4")
-    assert_one_line_error(other, "other settings", "training.learning_rate")
-
-
 # ---------------------------------------------------------------- machine and library
 
 
