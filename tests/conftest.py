@@ -37,6 +37,14 @@ def pytest_sessionstart(session):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """This process's tokenization and GGUF cache goes with its session (the converted SmolLM2 alone is
+    half a gigabyte; left behind, every run of the suite kept one)."""
+    import shutil
+
+    shutil.rmtree(os.environ["GLUETUNE_CACHE_DIR"], ignore_errors=True)
+
+
 # The modules that take longest (python -m pytest --durations=0), longest first. xdist hands out whole
 # modules (--dist loadscope) in collection order: begun first, the long ones do not leave one worker
 # finishing a long module alone while the other has nothing left (replayed on one run's durations:
@@ -205,12 +213,6 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
         logger.handlers[:], logger.propagate = saved[0], saved[2]
         logger.setLevel(saved[1])
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-@pytest.fixture
-def cli():
-    """`run_main` as a fixture, for the tests that ask for it by name."""
-    return run_main
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

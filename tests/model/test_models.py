@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CPU_CONFIG, QWEN_CONFIGS, REFERENCE_CONFIG
+from conftest import CPU_CONFIG, QWEN_CONFIGS, REFERENCE_CONFIG, run_main
 
 from gluetune import methods
 from gluetune.config.run import load_config
@@ -15,10 +15,10 @@ from gluetune.model import classifier as models
 from gluetune.model import sources
 
 
-def test_trainable_count_of_the_real_qwen25_15b_shapes(cli):
+def test_trainable_count_of_the_real_qwen25_15b_shapes():
     """2,179,072 LoRA weights (28 x (q 24,576 + k 14,336 + v 14,336 + o 24,576)) + 3,072 in `score`,
     counted on the meta device from the architecture config alone."""
-    result = cli(
+    result = run_main(
         "-m", "gluetune", "params", "--config", str(REFERENCE_CONFIG),
         "--set", f"model.name_or_path={QWEN_CONFIGS / 'Qwen2.5-1.5B'}",
     )

@@ -18,6 +18,7 @@ from conftest import (
     assert_same_metrics,
     kill_at,
     run_cli,
+    run_main,
     tiny_overrides,
     validation,
 )
@@ -243,8 +244,8 @@ def test_plain_peft_over_a_4bit_base_predicts_what_gluetune_predict_does(tiny_qw
     assert ours == pytest.approx(theirs, abs=1e-5)
 
 
-def test_predict_and_inference_py_load_the_4bit_base(qlora_run, cli):
-    result = cli("inference.py", "--model_path", str(qlora_run), "--input_text", SENTENCES[0])
+def test_predict_and_inference_py_load_the_4bit_base(qlora_run):
+    result = run_main("inference.py", "--model_path", str(qlora_run), "--input_text", SENTENCES[0])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "label=" in result.stdout and "probability=" in result.stdout
 
@@ -257,13 +258,13 @@ def test_card_and_record_name_the_quantization(qlora_run):
         qlora_run / "README.md").read_text()
 
 
-def test_export_merges_into_the_full_precision_base_and_says_so(tiny_qwen, qlora_run, tmp_path, cli):
+def test_export_merges_into_the_full_precision_base_and_says_so(tiny_qwen, qlora_run, tmp_path):
     """The export is a plain fp32 model: the full-precision base with the adapter merged, predicting
     what plain peft over the full-precision base does (1e-5)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = tmp_path / "export"
-    result = cli("-m", "gluetune", "export", "--model_path", str(qlora_run), "--output_dir", str(folder))
+    result = run_main("-m", "gluetune", "export", "--model_path", str(qlora_run), "--output_dir", str(folder))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "merges it into the full-precision base" in result.stderr
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
@@ -348,8 +349,8 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused():
         load_config(ROOT / "configs" / "glue_cola_minilm_cpu_full.yaml", ["model.quantization=4bit"])
 
 
-def test_a_bad_quantization_is_one_line_on_the_command_line(tiny_qwen, tmp_path, cli):
-    result = cli("train.py", "--config", str(QLORA_CONFIG), "--set", "model.quantization=4bits",
+def test_a_bad_quantization_is_one_line_on_the_command_line(tiny_qwen, tmp_path):
+    result = run_main("train.py", "--config", str(QLORA_CONFIG), "--set", "model.quantization=4bits",
                      *as_set_args(tiny_overrides(tiny_qwen, tmp_path / "run")))
     assert_one_line_error(result, "model.quantization", "did you mean '4bit'")
     assert not (tmp_path / "run").exists()

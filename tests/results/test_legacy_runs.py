@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import GLUE_DIR, run_cli
+from conftest import GLUE_DIR, run_cli, run_main
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_runs"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
@@ -31,20 +31,20 @@ def copy_of(name: str, tmp_path: Path) -> Path:
     return folder
 
 
-def test_a_legacy_run_predicts_what_it_predicted(tmp_path, cli):
+def test_a_legacy_run_predicts_what_it_predicted(tmp_path):
     folder = copy_of("finished", tmp_path)
     for expected in EXPECTED["predictions"]:
-        result = cli("-m", "gluetune", "predict", "--model_path", str(folder), "--input_text", expected["text"])
+        result = run_main("-m", "gluetune", "predict", "--model_path", str(folder), "--input_text", expected["text"])
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip() == expected["output"]
 
 
-def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path, cli):
+def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder, export = copy_of("finished", tmp_path), tmp_path / "legacy-export"
-    result = cli("-m", "gluetune", "export", "--model_path", str(folder), "--output_dir", str(export))
+    result = run_main("-m", "gluetune", "export", "--model_path", str(folder), "--output_dir", str(export))
     assert result.returncode == 0, result.stderr[-2000:]
     model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)

@@ -94,10 +94,10 @@ def starts(search_dir, number: int) -> int:
     ("peft.lora_r: {choice: [8, 16]}\nenqueue: [{peft.lora_r: 32}]", ["enqueue[0]: peft.lora_r=32 is outside the space"]),
     ("lora_r: {choice: [8, 16]}", ["lora_r: expected a section.key name"]),
 ])
-def test_bad_space_files_get_one_line(tmp_path, cli, text, fragments):
+def test_bad_space_files_get_one_line(tmp_path, text, fragments):
     space = tmp_path / "space.yaml"
     space.write_text(text + "\n")
-    result = cli("-m", "gluetune", "search", "--config", str(ROOT / "configs" / "glue_cola_minilm_cpu.yaml"),
+    result = run_main("-m", "gluetune", "search", "--config", str(ROOT / "configs" / "glue_cola_minilm_cpu.yaml"),
                      "--space", str(space), "--search_dir", str(tmp_path / "search"))
     assert_one_line_error(result, str(space), *fragments)
     assert not (tmp_path / "search").exists()

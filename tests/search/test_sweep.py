@@ -61,10 +61,10 @@ def test_resumed_sweep_skips_finished_runs(half_then_full):
     assert "[2/4] learning_rate=1e-3 seed 2: matthews_correlation" in second.stderr
 
 
-def test_a_sweep_folder_made_with_other_base_settings_is_refused(tiny_qwen, half_then_full, cli):
+def test_a_sweep_folder_made_with_other_base_settings_is_refused(tiny_qwen, half_then_full):
     _, _, sweep_dir = half_then_full
     summary = (sweep_dir / "summary.csv").read_text()
-    other = cli(*sweep_args(tiny_qwen, sweep_dir), "--set", "training.weight_decay=0.1")
+    other = run_main(*sweep_args(tiny_qwen, sweep_dir), "--set", "training.weight_decay=0.1")
     assert_one_line_error(other, "other settings", "training.weight_decay")
     assert (sweep_dir / "summary.csv").read_text() == summary
 
@@ -89,9 +89,9 @@ def test_summary_figures_match_the_runs(half_then_full):
     assert f"`{best}` **(best)**" in (sweep_dir / "summary.md").read_text()
 
 
-def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path, cli):
+def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path):
     _, _, sweep_dir = half_then_full
-    result = cli("-m", "gluetune", "sweep", "--sweep_dir", str(sweep_dir), "--rerun", "learning_rate=1e-3",
+    result = run_main("-m", "gluetune", "sweep", "--sweep_dir", str(sweep_dir), "--rerun", "learning_rate=1e-3",
                      "--rerun_dir", str(tmp_path / "again"))
     assert result.returncode == 0, result.stderr[-3000:]
     for seed in (1, 2):
@@ -100,7 +100,7 @@ def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path, cli):
     assert "reproduced" in result.stdout
 
 
-def test_single_class_runs_are_called_out(tiny_qwen, tmp_path, cli):
+def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
     """A validation set of one repeated sentence gets one class, whatever the model: the log and
     the summary must call that out."""
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"sentence number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(32)))
@@ -108,7 +108,7 @@ def test_single_class_runs_are_called_out(tiny_qwen, tmp_path, cli):
     overrides = [f"model.name_or_path={tiny_qwen}", "dataset.subset=null", "dataset.text_column=[text]",
                  "dataset.label_names=[neg, pos]", f"dataset.train_file={tmp_path / 'train.csv'}",
                  f"dataset.validation_file={tmp_path / 'dev.csv'}"]
-    result = cli("-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides),
+    result = run_main("-m", "gluetune", "sweep", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides),
                      "--seeds", "1", "--sweep_dir", str(tmp_path / "sweep"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEGENERATE" in result.stderr
@@ -118,7 +118,7 @@ def test_single_class_runs_are_called_out(tiny_qwen, tmp_path, cli):
     assert row["degenerate_runs"] == "1" and float(row["matthews_correlation_median"]) == 0.0
 
 
-def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path, cli):
+def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path):
     import os
     import signal
     import subprocess
@@ -143,7 +143,7 @@ def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path,
     assert "stopped by signal 15" in log
     # this sweep's runs only: another test module may be running its own sweep at the same time
     assert not any(str(sweep_dir) in line for line in os.popen("ps -eo args").read().splitlines())
-    again = cli(*args)
+    again = run_main(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in (sweep_dir / "default" / "seed-1" / "train.log").read_text()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, tiny_overrides
+from conftest import REFERENCE_CONFIG, ROOT, as_set_args, assert_one_line_error, run_main, tiny_overrides
 
 torch_distributed = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(not torch_distributed.is_gloo_available(), reason="needs torch's gloo backend")
@@ -34,10 +34,14 @@ STEP_CHECKPOINTS = ("--set", "training.save_strategy=steps", "--set", "training.
                     "--set", "training.eval_strategy=steps", "--set", "training.eval_steps=3")
 
 
+def train_args(out: Path, size: dict, extra: tuple[str, ...], model: Path) -> list[str]:
+    """train.py and its arguments: the reference config shrunk to `size`."""
+    return ["train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(tiny_overrides(model, out, **size)), *extra]
+
+
 def launch(*launcher: str, out: Path, size: dict, extra: tuple[str, ...] = (), model: Path) -> subprocess.Popen:
     """The reference config through train.py under a launcher, in its own process group."""
-    command = [*launcher, "train.py", "--config", str(REFERENCE_CONFIG),
-               *as_set_args(tiny_overrides(model, out, **size)), *extra]
+    command = [*launcher, *train_args(out, size, extra, model)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -122,7 +126,7 @@ def uninterrupted_two(tiny_qwen, tmp_path_factory):
     return out
 
 
-def test_sigkill_of_the_whole_job_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, uninterrupted_two, cli):
+def test_sigkill_of_the_whole_job_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, uninterrupted_two):
     """Killed at step 8, after checkpoint-6 (mid-epoch 2) and before checkpoint-9, under accelerate
     launch; resumed under torchrun: per-process RNG states, epoch 2's data order (the resume skips
     into it) and the optimizer come back."""
@@ -140,8 +144,7 @@ def test_sigkill_of_the_whole_job_then_resume_ends_where_the_run_would_have(tiny
     assert (out / "checkpoint-6" / "trainer_state.json").is_file()
     assert not (out / "metrics.json").exists() and not (out / "checkpoint-9").exists()
     # On one process a step would hold half as many examples: refused, the numbers named.
-    alone = cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(tiny_overrides(tiny_qwen, out, **KILL_RUN)),
-                *STEP_CHECKPOINTS, "--resume")
+    alone = run_main(*train_args(out, KILL_RUN, (*STEP_CHECKPOINTS, "--resume"), tiny_qwen))
     assert_one_line_error(alone, "64 = 16 per device x 2 accumulation x 2 process(es)")
     resumed = finish(launch(*torchrun(), out=out, size=KILL_RUN, model=tiny_qwen, extra=(*STEP_CHECKPOINTS, "--resume")))
     assert "resuming from" in resumed

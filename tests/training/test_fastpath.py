@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REFERENCE_CONFIG, UNEVEN_SIZE, assert_same_training, tiny_overrides, tiny_training_pieces
+from conftest import REFERENCE_CONFIG, UNEVEN_SIZE, assert_same_training, run_main, tiny_overrides, tiny_training_pieces
 
 from gluetune.config.run import load_config
 from gluetune.results import metrics
@@ -146,7 +146,7 @@ def test_the_step_plan_has_every_shape_an_epoch_uses(tiny_qwen, tmp_path):
     assert all((b["labels"] != -100).any() for b in train_batches)
 
 
-def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path, cli):
+def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path):
     from conftest import as_set_args, assert_one_line_error
 
     from gluetune.errors import UserError
@@ -154,7 +154,7 @@ def test_cuda_graphs_need_the_fast_path_and_a_gpu(tiny_qwen, tmp_path, cli):
     with pytest.raises(UserError, match=r"training.cuda_graphs needs training.fast_path: true"):
         load_config(REFERENCE_CONFIG, ["training.cuda_graphs=true"])
     overrides = tiny_overrides(tiny_qwen, tmp_path / "run") + ["training.fast_path=true", "training.cuda_graphs=true"]
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert_one_line_error(result, "training.cuda_graphs", "need a CUDA GPU", "cuda_graphs=false")
     assert not (tmp_path / "run").exists()
 

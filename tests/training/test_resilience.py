@@ -21,6 +21,7 @@ from conftest import (
     build_tiny_qwen,
     copy_run,
     kill_at,
+    run_main,
     tiny_overrides,
     validation,
 )
@@ -79,10 +80,10 @@ def killed(tiny_qwen, tmp_path_factory):
     return out
 
 
-def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, killed, uninterrupted, cli):
+def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, tmp_path, killed, uninterrupted):
     """The resume skips into the middle of epoch 2 and must see that epoch's order, RNG and optimizer state."""
     out = copy_run(killed, tmp_path / "killed")
-    resumed = cli(*train_args(tiny_qwen, out), "--resume")
+    resumed = run_main(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"] == "checkpoint-12"
@@ -91,7 +92,7 @@ def test_sigkill_mid_epoch_then_resume_ends_where_the_run_would_have(tiny_qwen, 
     assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_path, uninterrupted, cli):
+def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_path, uninterrupted):
     out = tmp_path / "terminated"
     process = start_training(tiny_qwen, out)
     wait_for(out / "checkpoint-9" / "trainer_state.json", process)
@@ -101,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_
     assert "Traceback" not in stderr and "stopped by signal 15" in stderr
     last = latest_checkpoint(out)
     assert last is not None and last.name != "checkpoint-32" and not (out / "metrics.json").exists()
-    resumed = cli(*train_args(tiny_qwen, out), "--resume")
+    resumed = run_main(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_metrics(validation(out), validation(uninterrupted))
     assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
@@ -126,11 +127,11 @@ def test_sigterm_mid_epoch_neither_evaluates_nor_saves_again_at_the_epoch_end(ti
     assert not any("eval_loss" in entry for entry in history)
 
 
-def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, killed, uninterrupted, cli):
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tiny_qwen, tmp_path, killed, uninterrupted):
     out = copy_run(killed, tmp_path / "torn")
     # What a kill during the save of checkpoint-12 leaves: weights written, trainer state not yet.
     (out / "checkpoint-12" / "trainer_state.json").unlink()
-    resumed = cli(*train_args(tiny_qwen, out), "--resume")
+    resumed = run_main(*train_args(tiny_qwen, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "checkpoint-9" in resumed.stderr and "was being written" in resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"] == "checkpoint-9"
@@ -176,7 +177,7 @@ def test_resume_of_a_folder_without_a_run_starts_without_a_warning(tmp_path, cap
     assert "no complete checkpoint" in caplog.text and "starting from the beginning" in caplog.text
 
 
-def test_resume_on_another_number_of_processes_is_refused(tiny_qwen, tmp_path, finished_tiny_run, cli):
+def test_resume_on_another_number_of_processes_is_refused(tiny_qwen, tmp_path, finished_tiny_run):
     """The run records what a step holds; a resume whose product differs is refused, naming the numbers
     (test_distributed shows it for a real two-process run resumed on one)."""
     out = copy_run(finished_tiny_run, tmp_path / "run")
@@ -186,7 +187,7 @@ def test_resume_on_another_number_of_processes_is_refused(tiny_qwen, tmp_path, f
     record["batch"]["processes"] = 2
     (out / "run_record.json").write_text(json.dumps(record))
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
     line = assert_one_line_error(result, "64 = 16 per device x 2 accumulation x 2 process(es)",
                                  "32 = 16 per device x 2 accumulation x 1 process(es)", "torchrun --nproc_per_node 2")
     assert "GPU" not in line  # the GPUs are the same: not named
@@ -224,50 +225,50 @@ def test_the_record_holds_a_command_a_user_can_paste():
     assert command_line(["/venv/bin/gluetune", "train"]) == ["gluetune", "train"]
 
 
-def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path, finished_tiny_run, cli):
+def test_resume_of_a_finished_run_does_nothing(tiny_qwen, tmp_path, finished_tiny_run):
     out = copy_run(finished_tiny_run, tmp_path / "done")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     before = (out / "metrics.json").read_text()
-    again = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
+    again = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume")
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert (out / "metrics.json").read_text() == before
 
 
-def test_non_empty_output_folder_is_never_clobbered(tiny_qwen, tmp_path, cli):
+def test_non_empty_output_folder_is_never_clobbered(tiny_qwen, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
     assert_one_line_error(result, str(out), "not empty", "--resume", "--overwrite")
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
     assert_one_line_error(result, "does not look like a gluetune output folder")
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path, finished_tiny_run, cli):
+def test_overwrite_starts_a_gluetune_folder_over(tiny_qwen, tmp_path, finished_tiny_run):
     out = copy_run(finished_tiny_run, tmp_path / "again")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     (out / "stale-marker").write_text("x")
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (out / "stale-marker").exists() and (out / "metrics.json").is_file()
 
 
-def test_second_writer_is_refused_and_a_dead_lock_does_not_block(tiny_qwen, tmp_path, cli):
+def test_second_writer_is_refused_and_a_dead_lock_does_not_block(tiny_qwen, tmp_path):
     out = tmp_path / "locked"
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     with OutputDirLock(out):  # the owner is still starting: no resolved_config.yaml yet
-        result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+        result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
         assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
         # The refused run must leave the owner's lock alone, so a third start is refused too.
         assert (out / LOCK_FILENAME).exists() and (out / OWNER_FILENAME).exists()
-        result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+        result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
         assert_one_line_error(result, "in use by another run", f"pid {os.getpid()}")
     # The lock files a process left when it died do not block.
     (out / LOCK_FILENAME).write_text("")
     (out / OWNER_FILENAME).write_text("pid 1 on elsewhere")
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -284,13 +285,13 @@ def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
     OutputDirLock(out).acquire().release()
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_qwen, tmp_path, cli):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_qwen, tmp_path):
     out = tmp_path / "nan"
     overrides = tiny_overrides(tiny_qwen, out, train=128, evals=16) + [
         "training.learning_rate=1e30", "training.max_grad_norm=0",
         "training.save_strategy=steps", "training.save_steps=1", "training.eval_strategy=steps", "training.eval_steps=1",
     ]
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert result.returncode == 3, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     line = next(x for x in result.stderr.splitlines() if x.startswith("gluetune: error:"))
@@ -302,38 +303,38 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_qwen, t
 # ---------------------------------------------------------------- bad input at the CLI
 
 
-def test_bad_data_through_the_cli(tiny_qwen, tmp_path, cli):
+def test_bad_data_through_the_cli(tiny_qwen, tmp_path):
     (tmp_path / "train.tsv").write_text("text\tlabel\nfine\t1\nbad\t5\n")
     (tmp_path / "dev.tsv").write_text("text\tlabel\nok\t0\n")
     overrides = [f"model.name_or_path={tiny_qwen}", "dataset.subset=null", "dataset.text_column=[text]",
                  "dataset.label_names=[neg, pos]", f"dataset.train_file={tmp_path / 'train.tsv'}",
                  f"dataset.validation_file={tmp_path / 'dev.tsv'}", "training.metric_for_best_model=null",
                  f"training.output_dir={tmp_path / 'out'}"]
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), *as_set_args(overrides))
     assert_one_line_error(result, "train.tsv:3", "label '5'", "0=neg, 1=pos")
     assert not (tmp_path / "out").exists()  # a failed start leaves no folder (not even a lock file)
 
 
-def test_missing_model_folder_through_the_cli(tmp_path, cli):
-    result = cli("train.py", "--config", str(REFERENCE_CONFIG), "--set", f"model.name_or_path={tmp_path / 'nope'}",
+def test_missing_model_folder_through_the_cli(tmp_path):
+    result = run_main("train.py", "--config", str(REFERENCE_CONFIG), "--set", f"model.name_or_path={tmp_path / 'nope'}",
                      "--set", f"dataset.data_dir={GLUE_DIR}", "--set", f"training.output_dir={tmp_path / 'out'}")
     assert_one_line_error(result, "model folder not found", "nope")
 
 
-def test_empty_input_text_and_overlong_input(finished_tiny_run, cli):
+def test_empty_input_text_and_overlong_input(finished_tiny_run):
     out = finished_tiny_run
-    empty = cli("inference.py", "--model_path", str(out), "--input_text", "")
+    empty = run_main("inference.py", "--model_path", str(out), "--input_text", "")
     assert_one_line_error(empty, "empty")
     long_text = " ".join(["word"] * 2000)
-    result = cli("inference.py", "--model_path", str(out), "--input_text", long_text)
+    result = run_main("inference.py", "--model_path", str(out), "--input_text", long_text)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "truncated" in result.stderr and result.stdout.startswith("label=")
 
 
-def test_adapter_that_does_not_fit_the_base_model(tiny_qwen, tmp_path, finished_tiny_run, cli):
+def test_adapter_that_does_not_fit_the_base_model(tiny_qwen, tmp_path, finished_tiny_run):
     out = copy_run(finished_tiny_run, tmp_path / "run")
     wider = build_tiny_qwen(tmp_path / "wider", hidden_size=64)
     saved = out / "resolved_config.yaml"
     saved.write_text(saved.read_text().replace(str(tiny_qwen), str(wider)))
-    result = cli("inference.py", "--model_path", str(out), "--input_text", "A sentence.")
+    result = run_main("inference.py", "--model_path", str(out), "--input_text", "A sentence.")
     assert_one_line_error(result, str(out), "does not fit the base model")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import GLUE_DIR, REFERENCE_CONFIG, as_set_args, run_cli, tiny_overrides
+from conftest import GLUE_DIR, REFERENCE_CONFIG, as_set_args, run_cli, run_main, tiny_overrides
 
 from gluetune.cli import main
 from gluetune.config.run import load_config
@@ -122,9 +122,9 @@ def test_evaluate_reproduces_the_saved_metrics(cli_run, capsys):
     np.testing.assert_allclose(recomputed, [r["logits"] for r in sorted(saved, key=lambda r: r["idx"])], atol=1e-5)
 
 
-def test_inference_script_prints_label_and_probability(cli_run, cli):
+def test_inference_script_prints_label_and_probability(cli_run):
     out, _ = cli_run
-    result = cli("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
+    result = run_main("inference.py", "--config", str(REFERENCE_CONFIG), "--model_path", str(out),
                      "--input_text", "The book was written by John.")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()

@@ -18,6 +18,7 @@ from conftest import (
     as_set_args,
     assert_one_line_error,
     copy_run,
+    run_main,
     tiny_overrides,
     tiny_training_pieces,
 )
@@ -173,27 +174,27 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(tiny_qwen, tmp_path):
 # ---------------------------------------------------------------- run control and settings
 
 
-def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(tiny_qwen, tmp_path, finished_tiny_run, cli):
+def test_run_control_is_never_saved_and_a_saved_config_does_not_delete_its_run(tiny_qwen, tmp_path, finished_tiny_run):
     out = copy_run(finished_tiny_run, tmp_path / "run")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
-    assert cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite").returncode == 0
+    assert run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--overwrite").returncode == 0
     saved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert "overwrite_output_dir" not in saved["training"] and "resume_from_checkpoint" not in saved["training"]
     before = (out / "metrics.json").read_text()
-    again = cli("train.py", "--config", str(out / "resolved_config.yaml"))  # what run_record.json suggests
+    again = run_main("train.py", "--config", str(out / "resolved_config.yaml"))  # what run_record.json suggests
     assert_one_line_error(again, "not empty", "--resume")
     assert (out / "metrics.json").read_text() == before
 
 
-def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path, finished_tiny_run, cli):
+def test_resume_with_other_settings_is_refused_by_name(tiny_qwen, tmp_path, finished_tiny_run):
     out = copy_run(finished_tiny_run, tmp_path / "run")
     overrides = as_set_args(tiny_overrides(tiny_qwen, out, train=32, evals=16))
     record = (out / "run_record.json").read_text()
-    changed = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
+    changed = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
                       "--set", "training.learning_rate=1e-4", "--set", "peft.lora_r=4")
     assert_one_line_error(changed, "other settings", "training.learning_rate", "peft.lora_r", "--overwrite")
     assert (out / "run_record.json").read_text() == record
-    moved = cli("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
+    moved = run_main("train.py", "--config", str(REFERENCE_CONFIG), *overrides, "--resume",
                     "--set", f"training.logging_dir={tmp_path / 'elsewhere'}")
     assert moved.returncode == 0 and "nothing to do" in moved.stderr  # output paths are not settings
 
