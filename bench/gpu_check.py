@@ -187,6 +187,14 @@ def main() -> None:
     def graphs() -> int:
         return counters["stats"]["unique_graphs"]
 
+    def layer_graphs(layers: list) -> int:
+        """The graphs cached on the code every compiled layer runs first (its class's forward, which dynamo
+        traces from): one per shape and mode when the layers share them, one per layer and shape when not.
+        (What a graph break leaves over is another code object's, counted by graphs() alone.)"""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(type(layers[0]).forward)) if layers else 0
+
     device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"
     print(f"gpu_check: {device}; torch {torch.__version__}; {Path(args.model_config).name} "
           f"{'shrunk, ' if args.smoke else 'widths, '}{args.layers} layers, random weights; layers compiled with "
@@ -207,12 +215,14 @@ def main() -> None:
         plan = fastpath.planned_graphs(train_batches, eval_batches)
         # +2: the dropout check's bucket, compiled again for its dropout probability (dynamo guards on it)
         with fastpath.compile_limits(plan + 2):
-            before = graphs()
+            before, before_layer, breaks = graphs(), layer_graphs(layers), sum(counters["graph_break"].values())
             compiled = fastpath.rehearse(trainer, train_batches, eval_batches, layers)
-            made = graphs() - before
-            check.require(compiled and made == plan, "compiled",
-                          f"{made} graphs for {len(train_batches)} training and {len(eval_batches)} evaluation shapes "
-                          f"(plan: {plan}), shared by the {len(layers)} layers; rehearsal {'ok' if compiled else 'FAILED'}")
+            made, per_layer = graphs() - before, layer_graphs(layers) - before_layer
+            breaks = sum(counters["graph_break"].values()) - breaks
+            check.require(compiled and per_layer == plan, "compiled",
+                          f"{per_layer} graphs for {len(train_batches)} training and {len(eval_batches)} evaluation "
+                          f"shapes (plan: {plan}), shared by the {len(layers)} layers; {made} in all, {breaks} graph "
+                          f"breaks; rehearsal {'ok' if compiled else 'FAILED'}")
 
             inputs, items = on_device(train_batches[-1], device_)
             if cuda:
@@ -232,7 +242,8 @@ def main() -> None:
             peak_capture = torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0
             if steps is None and any(name in " ".join(said) for name in SYNC_ERRORS):
                 check.unless(False, "no-sync", f"a host sync inside the captured step: {' '.join(said)}")
-            check.require(steps is not None and sorted(steps.graphs) == shapes and graphs() - before == made, "capture",
+            check.require(steps is not None and sorted(steps.graphs) == shapes and graphs() - before == made
+                          and layer_graphs(layers) - before_layer == per_layer, "capture",
                           f"{len(steps.graphs) if steps else 0} graphs ({'CUDA' if cuda else 'eager stand-in'}) in "
                           f"{time.perf_counter() - started:.1f} s, {graphs() - before - made} more compiled graphs"
                           + (f"; {' '.join(said)}" if said else ""))

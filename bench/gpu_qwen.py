@@ -331,8 +331,8 @@ def main() -> None:
     parser.add_argument("--probe_steps", type=int, default=20,
                         help="optimizer steps each kind of contender runs first; a failure stops the benchmark (0: no probes)")
     parser.add_argument("--budget_s", type=float,
-                        help="seconds for the probes and runs together: a run still going then is stopped (its last "
-                             "progress line printed) and the runs after it are skipped")
+                        help="seconds for the whole script, model building included: a run still going then is "
+                             "stopped (its last progress line printed) and the runs after it are skipped")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every gluetune contender, repeatable")
     parser.add_argument("--smoke", action="store_true",
@@ -342,6 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.contender:
         return child(args)
+    deadline = time.perf_counter() + args.budget_s if args.budget_s else None
 
     import torch
 
@@ -361,7 +362,6 @@ def main() -> None:
         started = time.perf_counter()
         build_random_model(Path(args.model_config), Path(args.tokenizer), model, args.smoke)
         print(f"random-weight model written in {time.perf_counter() - started:.0f} s", flush=True)
-        deadline = time.perf_counter() + args.budget_s if args.budget_s else None
 
         def time_left(name: str) -> float | None:
             """Seconds `name` may run (None: no budget); 0 after saying that it is skipped."""
