@@ -177,8 +177,9 @@ def compile_limits(graphs: int):
     short = {name: getattr(dynamo_config, name) for name in ("recompile_limit", "accumulated_recompile_limit")
              if getattr(dynamo_config, name) < needed}
     if short:
-        logger.info("fast path: the layers compile up to %d graphs (%d before this run), past dynamo's %s; raised to "
-                    "%d for this run", needed, before, " and ".join(f"{k} {v}" for k, v in short.items()), needed)
+        logger.info("fast path: the layers' code may hold up to %d compiled graphs (%d of them from before this run), "
+                    "past dynamo's %s; raised to %d for this run", needed, before,
+                    " and ".join(f"{k} {v}" for k, v in short.items()), needed)
     with dynamo_config.patch(**{name: needed for name in short}):
         yield
 
