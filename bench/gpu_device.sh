@@ -10,7 +10,8 @@
 #
 # `measure` is the whole GPU measurement in one call of under 10 minutes: first bench/gpu_check.py (CUDA
 # graphs captured on two buckets, graphed steps = eager steps, fresh dropout masks, no host sync, peak
-# memory; CHECK_S, 240 s, at most), and nothing more if it fails. Then gpu_qwen.py within what is left
+# memory; the layers traced by dynamo, CHECK_BACKEND=eager; CHECK_S, 240 s, at most), and nothing more
+# if it fails. Then gpu_qwen.py within what is left
 # of MEASURE_S (560 s since the script began), in this order, each in its own process, a run that
 # outlives the budget stopped with its last progress line and the rest skipped: the fast path with CUDA
 # graphs for GRAPHS_EPOCHS (10) epochs, cold (an empty compile cache); QLoRA (4-bit base,
@@ -140,7 +141,10 @@ run|measure|sweep|sweep-fast)
   fi
   assets="--glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B"
   if [ -n "$check" ]; then
-    timeout "${CHECK_S:-240}" $PY bench/gpu_check.py $assets || { echo "gpu_check failed or ran past ${CHECK_S:-240} s: no measurement"; exit 1; }
+    # dynamo traces the layers without inductor's code generation (CHECK_BACKEND=inductor for that): the
+    # check takes about a minute instead of compiling twice what the graphs run compiles cold anyway
+    timeout "${CHECK_S:-240}" $PY bench/gpu_check.py $assets --backend "${CHECK_BACKEND:-eager}" ||
+      { echo "gpu_check failed or ran past ${CHECK_S:-240} s: no measurement"; exit 1; }
     set -- --budget_s $(( ${MEASURE_S:-560} - SECONDS )) "$@"  # SECONDS: since this script started
   fi
   $PY bench/gpu_qwen.py $assets "$@"
