@@ -2,18 +2,25 @@
 # bench/gpu_qwen.py on a lent GPU machine that has no internet and no ../shared.
 #
 #   bash bench/gpu_device.sh stage          # here: wheels into .whl/, CoLA + Qwen assets into .gpu_assets/
-#   bash bench/gpu_device.sh measure [ARGS] # there (carry .whl and .gpu_assets): the fast path's measurement
+#   bash bench/gpu_device.sh measure [ARGS] # there (carry .whl and .gpu_assets): the check, then the measurement
 #   bash bench/gpu_device.sh run [ARGS]     # there: ARGS go to gpu_qwen.py as they are
 #   bash bench/gpu_device.sh stage-minilm   # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
 #   bash bench/gpu_device.sh sweep-fast [ARGS] # there: the 8-seed MiniLM sweep with and without the fast path
 #   bash bench/gpu_device.sh sweep [ARGS]   # there: `gluetune sweep` of the CPU default's config, ARGS added
 #
-# `measure` times, in one call, on the reference shapes: plain gluetune and the Trainer + PEFT baseline
-# for one epoch (--epochs), the fast path without and with whole-step CUDA graphs for FAST_EPOCHS
-# epochs (10 by default), cold and warm; each kind first runs 20 steps and a failing one stops it all
-# (gpu_qwen.py's probes). It prints the GPU's name, seconds, steps/s, peak memory, per-epoch train and
-# evaluation seconds. `sweep-fast` prints the MiniLM sweep's table (median MCC per setting) for
-# training.fast_path=false,true over 8 seeds (the median may not move by more than 0.01).
+# `measure` is the whole GPU measurement in one call of under 10 minutes: first bench/gpu_check.py (CUDA
+# graphs captured on two buckets, graphed steps = eager steps, fresh dropout masks, no host sync, peak
+# memory; the layers traced by dynamo, CHECK_BACKEND=eager; CHECK_S, 240 s, at most), and nothing more
+# if it fails. Then gpu_qwen.py within what is left
+# of MEASURE_S (560 s since the script began), in this order, each in its own process, a run that
+# outlives the budget stopped with its last progress line and the rest skipped: the fast path with CUDA
+# graphs for GRAPHS_EPOCHS (10) epochs, cold (an empty compile cache); QLoRA (4-bit base,
+# paged_adamw_8bit) for 0.25 epoch, for its peak memory; plain gluetune and the Trainer + PEFT baseline
+# for PLAIN_EPOCHS (0.5); the fast path without graphs for FAST_EPOCHS (2), cold; the warm runs (the
+# cache the cold one filled). A fast-path run whose compiling or capture falls back is stopped at once
+# with that line. Each run prints seconds, steps/s, peak memory, the time before the first step and
+# per-epoch train and evaluation seconds. `sweep-fast` prints the MiniLM sweep's table (median MCC per
+# setting) for training.fast_path=false,true over 8 seeds (the median may not move by more than 0.01).
 #
 # Rehearse on a CPU first (no wheels installed, a tiny model, a CoLA slice, ../shared as the source):
 #   bash bench/gpu_device.sh measure --smoke      bash bench/gpu_device.sh sweep-fast --smoke
@@ -30,24 +37,45 @@
 # .git/info/exclude: they must never be committed. Stage with the project's virtualenv active.
 set -e
 cd "$(dirname "$0")/.."
-stage_wheels() {
+stage_wheels() {  # $1: more package names, "|name|name" (stage adds bitsandbytes, for QLoRA)
   local pins
-  pins=$(python -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|httpx2|httpcore2|truststore|peft|datasets|dill|multiprocess|fsspec|accelerate)==')
+  pins=$(python -m pip freeze | grep -iE "^(transformers|tokenizers|huggingface.hub|httpx2|httpcore2|truststore|peft|datasets|dill|multiprocess|fsspec|accelerate$1)==")
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl $pins
+  # bitsandbytes (QLoRA) ships a library per CUDA release, 43 MB in all: keep the CPU's and CUDA 13's (the
+  # device's torch is built for CUDA 13.0), 64 MiB being all that travels
+  python - <<'PY'
+import zipfile
+from pathlib import Path
+for wheel in Path(".whl").glob("bitsandbytes-*.whl"):
+    def kept(name):
+        return not ("/libbitsandbytes_" in name and not name.endswith(("_cpu.so", "_cuda130.so", "_cuda132.so")))
+    with zipfile.ZipFile(wheel) as source:
+        if all(kept(n) for n in source.namelist()):
+            continue
+        files = {n: source.read(n) for n in source.namelist() if kept(n)}
+    for name in files:
+        if name.endswith(".dist-info/RECORD"):
+            lines = files[name].decode().splitlines()
+            files[name] = ("\n".join(line for line in lines if kept(line.split(",")[0])) + "\n").encode()
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as slim:
+        for name, data in files.items():
+            slim.writestr(name, data)
+PY
 }
 case "$1" in
 stage)
   SHARED=${SHARED:-../shared}
-  rm -rf .gpu_assets && mkdir -p .whl .gpu_assets/glue  # one mode's assets at a time: the carry limit
-  stage_wheels
+  rm -rf .gpu_assets .whl && mkdir -p .whl .gpu_assets/glue  # one mode's assets at a time: the carry limit
+  stage_wheels "|bitsandbytes"
   cp -r "$SHARED/data/glue/CoLA" .gpu_assets/glue/
   cp -r "$SHARED/assets/qwen2.5-tokenizer" "$SHARED/assets/qwen2.5-configs" .gpu_assets/
   du -sh .whl .gpu_assets
   ;;
 stage-minilm)
   SHARED=${SHARED:-../shared}
-  rm -rf .gpu_assets && mkdir -p .whl .gpu_assets/glue .gpu_assets/minilm
+  rm -rf .gpu_assets .whl && mkdir -p .whl .gpu_assets/glue .gpu_assets/minilm
   stage_wheels
   cp -r "$SHARED/data/glue/CoLA" .gpu_assets/glue/
   python - <<'PY'
@@ -73,9 +101,11 @@ run|measure|sweep|sweep-fast)
     smoke=1
     shift
   fi
+  check=
   if [ "$mode" = measure ]; then
-    mode=run
-    set -- --epochs 1 --fast --graphs --fast_epochs "${FAST_EPOCHS:-10}" ${smoke:+--smoke} "$@"
+    mode=run check=1
+    set -- --epochs "${PLAIN_EPOCHS:-0.5}" --fast --graphs --qlora --fast_epochs "${FAST_EPOCHS:-2}" \
+      --graphs_epochs "${GRAPHS_EPOCHS:-10}" --probe_steps 0 ${smoke:+--smoke} "$@"
   fi
   if [ "$mode" = sweep-fast ]; then
     mode=sweep
@@ -93,6 +123,7 @@ run|measure|sweep|sweep-fast)
     if [ "$mode" = sweep ]; then
       exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set "dataset.data_dir=$SHARED/data/glue" "$@"
     fi
+    [ -z "$check" ] || $PY bench/gpu_check.py --smoke || exit 1
     exec $PY bench/gpu_qwen.py "$@"
   fi
   if [ -d .whl ]; then
@@ -108,8 +139,15 @@ run|measure|sweep|sweep-fast)
     exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set model.name_or_path=.gpu_assets/minilm \
       --set dataset.data_dir=.gpu_assets/glue "$@"
   fi
-  $PY bench/gpu_qwen.py --glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer \
-    --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B "$@"
+  assets="--glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B"
+  if [ -n "$check" ]; then
+    # dynamo traces the layers without inductor's code generation (CHECK_BACKEND=inductor for that): the
+    # check takes about a minute instead of compiling twice what the graphs run compiles cold anyway
+    timeout "${CHECK_S:-240}" $PY bench/gpu_check.py $assets --backend "${CHECK_BACKEND:-eager}" ||
+      { echo "gpu_check failed or ran past ${CHECK_S:-240} s: no measurement"; exit 1; }
+    set -- --budget_s $(( ${MEASURE_S:-560} - SECONDS )) "$@"  # SECONDS: since this script started
+  fi
+  $PY bench/gpu_qwen.py $assets "$@"
   ;;
 *)
   echo "usage: bash bench/gpu_device.sh stage | measure [--smoke] [gpu_qwen.py arguments] | run [gpu_qwen.py arguments]" \

@@ -31,11 +31,13 @@ no internet: bench/gpu_device.sh stages the data, assets and pinned wheels, and 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,8 +48,9 @@ CONFIG = ROOT / "configs" / "glue_cola_qwen.yaml"
 SMOKE_EXAMPLES = 128
 
 
-def build_random_model(model_config: Path, tokenizer: Path, folder: Path, smoke: bool) -> None:
-    """A hub-style folder: random bf16 weights with the config's shapes, and the real tokenizer."""
+def build_random_model(model_config: Path, tokenizer: Path, folder: Path, smoke: bool, layers: int | None = None) -> None:
+    """A hub-style folder: random bf16 weights with the config's shapes (`layers` of its decoder layers,
+    if given), and the real tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +58,8 @@ def build_random_model(model_config: Path, tokenizer: Path, folder: Path, smoke:
     if smoke:
         values.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
+    if layers:
+        values.update(num_hidden_layers=layers)
     config = AutoConfig.for_model(**values)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -220,8 +225,11 @@ def child(args) -> None:
 
     import transformers
 
+    from gluetune.console import setup_logging
+
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+    setup_logging()  # gluetune's lines on stderr: the parent watches them (progress, a fast path's fallback)
     out = Path(tempfile.mkdtemp(prefix=f"bench-{args.contender}-"))
     model, glue_dir = Path(args.model), Path(args.glue_dir)
     kind = args.contender.split()[0]
@@ -230,7 +238,7 @@ def child(args) -> None:
     else:
         report = run_gluetune(model, glue_dir, out, args.epochs, [*CONTENDER_SETTINGS[kind], *args.overrides], args.smoke,
                               args.probe_steps)
-    print(json.dumps(report))
+    print(json.dumps(report), flush=True)
 
 
 # What each gluetune contender sets on top of configs/glue_cola_qwen.yaml.
@@ -239,26 +247,68 @@ CONTENDER_SETTINGS = {
     "gluetune-compile": ["training.torch_compile=true"],
     "gluetune-fast": ["training.fast_path=true"],
     "gluetune-graphs": ["training.fast_path=true", "training.cuda_graphs=true"],
+    "gluetune-qlora": ["model.quantization=4bit", "training.optim=paged_adamw_8bit"],
 }
+# A fast-path run whose compiled layers or graphs fell back would time something else: stopped at once.
+FALLBACKS = ("rehearsal before training failed", "capturing the training step failed")
 
 
-def run_child(args, name: str, model: Path, epochs: float, cache: Path, probe_steps: int = 0):
-    """One contender in its own process: (its JSON report, or None, and its stderr)."""
+def run_child(args, name: str, model: Path, epochs: float, cache: Path, probe_steps: int = 0,
+              timeout: float | None = None) -> tuple[dict | None, str]:
+    """One contender in its own process: (its JSON report, or None, and why not: its last lines, or the
+    line it fell back with, or the progress it had made when `timeout` seconds stopped it)."""
     cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
            "--epochs", str(epochs), "--probe_steps", str(probe_steps)] + (["--smoke"] if args.smoke else [])
     cmd += [arg for item in args.overrides for arg in ("--set", item)]
     # keep the caller's PYTHONPATH (packages carried onto a device machine live there)
     pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        return None, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    timer = threading.Timer(timeout, process.kill) if timeout else None
+    if timer:
+        timer.start()
+    lines, progress, fell_back = collections.deque(maxlen=60), "", ""
+    for line in process.stdout:
+        lines.append(line)
+        if "] step " in line and "steps/s" in line:
+            progress = line.strip()
+        if not fell_back and any(marker in line for marker in FALLBACKS):
+            fell_back = line.strip()
+            process.kill()
+    process.wait()
+    timed_out = timer is not None and not timer.is_alive() and not fell_back and process.returncode != 0
+    if timer:
+        timer.cancel()
+    if fell_back:
+        return None, f"fell back, stopped: {fell_back}"
+    if timed_out:
+        return None, f"stopped at its time limit ({timeout:.0f} s); its last progress: {progress or 'none'}"
+    reports = [line for line in lines if line.startswith("{")]
+    if process.returncode != 0 or not reports:
+        return None, "".join(lines)[-3000:]
+    return json.loads(reports[-1]), ""
 
 
 def seconds(values: list[float]) -> str:
     return " ".join(f"{v:.1f}" for v in values) or "-"
+
+
+def contenders_of(args, cuda: bool) -> list[tuple[str, float]]:
+    """(name, epochs) in the order the GPU measurement needs them most, so that a time budget cuts the
+    least needed: the fast path with CUDA graphs (the 10-epoch target), QLoRA's memory, the plain path
+    and the baseline it is compared with, then the fast path without graphs and the warm runs."""
+    fast_epochs = args.fast_epochs or args.epochs
+    graphs = args.graphs and cuda
+    plan = [("gluetune-graphs (cold)", args.graphs_epochs or fast_epochs)] if graphs else []
+    plan += [("gluetune-qlora", args.qlora_epochs)] if args.qlora else []
+    plan += [] if args.skip_gluetune else [("gluetune", args.epochs)]
+    plan += [] if args.skip_baseline else [("baseline", args.epochs)]
+    plan += [("gluetune-compile", args.epochs)] if args.compile else []
+    plan += [("gluetune-fast (cold)", fast_epochs)] if args.fast else []
+    plan += [("gluetune-graphs (warm)", args.graphs_epochs or fast_epochs)] if graphs else []
+    plan += [("gluetune-fast (warm)", fast_epochs)] if args.fast else []
+    return plan
 
 
 def main() -> None:
@@ -274,8 +324,15 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true",
                         help="also time the fast path with whole-step CUDA graphs (training.cuda_graphs=true), cold and warm")
     parser.add_argument("--fast_epochs", type=float, help="epochs of the fast-path contenders (default: --epochs)")
+    parser.add_argument("--graphs_epochs", type=float, help="epochs of the CUDA-graph contenders (default: --fast_epochs)")
+    parser.add_argument("--qlora", action="store_true",
+                        help="also time QLoRA: a 4-bit base and paged_adamw_8bit (bitsandbytes), for its peak memory")
+    parser.add_argument("--qlora_epochs", type=float, default=0.25, help="epochs of the QLoRA contender (default 0.25)")
     parser.add_argument("--probe_steps", type=int, default=20,
                         help="optimizer steps each kind of contender runs first; a failure stops the benchmark (0: no probes)")
+    parser.add_argument("--budget_s", type=float,
+                        help="seconds for the whole script, model building included: a run still going then is "
+                             "stopped (its last progress line printed) and the runs after it are skipped")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every gluetune contender, repeatable")
     parser.add_argument("--smoke", action="store_true",
@@ -285,6 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.contender:
         return child(args)
+    deadline = time.perf_counter() + args.budget_s if args.budget_s else None
 
     import torch
 
@@ -292,38 +350,49 @@ def main() -> None:
         print("no CUDA device here: bench/gpu_qwen.py measures the reference run on a GPU; nothing to do "
               "(--smoke runs the pipeline on a tiny model anywhere)")
         return
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)"
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"
     print(f"device: {device}; torch {torch.__version__}; model shapes: {Path(args.model_config).name}"
           f"{' shrunk (smoke)' if args.smoke else ''}; epochs: {args.epochs:g}", flush=True)
-    if args.graphs and not torch.cuda.is_available():
+    if args.graphs and not cuda:
         print("gluetune-graphs: skipped (no CUDA here; training.cuda_graphs is refused without it)", flush=True)
-    fast = (["gluetune-fast (cold)", "gluetune-fast (warm)"] if args.fast else []) + (
-        ["gluetune-graphs (cold)", "gluetune-graphs (warm)"] if args.graphs and torch.cuda.is_available() else [])
-    contenders = (([] if args.skip_gluetune else ["gluetune"]) + (["gluetune-compile"] if args.compile else []) + fast
-                  + ([] if args.skip_baseline else ["baseline"]))
-    fast_epochs = args.fast_epochs or args.epochs
+    contenders = contenders_of(args, cuda)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         started = time.perf_counter()
         build_random_model(Path(args.model_config), Path(args.tokenizer), model, args.smoke)
         print(f"random-weight model written in {time.perf_counter() - started:.0f} s", flush=True)
-        kinds = list(dict.fromkeys(name.split()[0] for name in contenders))
+
+        def time_left(name: str) -> float | None:
+            """Seconds `name` may run (None: no budget); 0 after saying that it is skipped."""
+            if deadline is None:
+                return None
+            left = deadline - time.perf_counter()
+            if left < 30:
+                print(f"{name}: skipped (the {args.budget_s:.0f} s budget is spent)", flush=True)
+                return 0
+            return left
+
+        kinds = list(dict.fromkeys(name.split()[0] for name, _ in contenders))
         for kind in kinds if args.probe_steps > 0 else ():
             started = time.perf_counter()
-            report, stderr = run_child(args, kind, model, args.epochs, Path(tmp) / f"probe-cache-{kind}", args.probe_steps)
+            if (timeout := time_left(f"probe {kind}")) == 0:
+                continue
+            report, why = run_child(args, kind, model, args.epochs, Path(tmp) / f"probe-cache-{kind}", args.probe_steps,
+                                    timeout)
             if report is None:
-                print(f"{kind}: the {args.probe_steps}-step probe failed; stopping before the long runs\n{stderr[-3000:]}",
-                      flush=True)
+                print(f"{kind}: the {args.probe_steps}-step probe failed; stopping before the long runs\n{why}", flush=True)
                 sys.exit(1)
             print(f"probe {kind:17s} {report['steps']} steps ok in "
                   f"{time.perf_counter() - started:.0f} s (prepare_s={report['prepare_s']:.1f})", flush=True)
-        for name in contenders:
+        for name, epochs in contenders:
             kind = name.split()[0]
-            epochs = fast_epochs if kind in ("gluetune-fast", "gluetune-graphs") else args.epochs
+            if (timeout := time_left(name)) == 0:
+                continue
             # one compile cache per kind: empty for its cold run, filled for its warm one
-            report, stderr = run_child(args, name, model, epochs, Path(tmp) / f"cache-{kind}")
+            report, why = run_child(args, name, model, epochs, Path(tmp) / f"cache-{kind}", timeout=timeout)
             if report is None:
-                print(f"{name}: failed\n{stderr[-3000:]}", flush=True)
+                print(f"{name}: failed: {why}", flush=True)
                 continue
             r = report
             print(f"{name:23s} epochs={epochs:g} wall_s={r['wall_s']:.1f} steps/s={r['steps_per_s']:.2f} "

@@ -84,14 +84,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def build_tiny_qwen(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
-    """A 2-layer, 32-wide random Qwen2 with the real Qwen2.5 tokenizer, saved as a hub-style folder
-    (bf16 weights, like the hub's Qwen2.5 checkpoints)."""
+def build_tiny_qwen(folder: Path, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A 2-layer (`layers`), 32-wide random Qwen2 with the real Qwen2.5 tokenizer, saved as a hub-style
+    folder (bf16 weights, like the hub's Qwen2.5 checkpoints)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
     )
@@ -105,6 +105,12 @@ def build_tiny_qwen(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_4_layers(tmp_path_factory) -> Path:
+    """The tiny Qwen2 with 4 layers: where what is per layer (compiled graphs) shows."""
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen-4"), layers=4)
 
 
 @pytest.fixture(scope="session")

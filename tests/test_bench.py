@@ -7,9 +7,22 @@ from conftest import run_cli
 
 
 def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
-    result = run_cli("bench/gpu_qwen.py")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "no CUDA device here" in result.stdout
+    for script in ("bench/gpu_qwen.py", "bench/gpu_check.py"):
+        result = run_cli(script)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "no CUDA device here" in result.stdout
+
+
+def test_gpu_check_rehearses_on_the_cpu_every_check_that_runs_without_cuda():
+    """bench/gpu_check.py --smoke, the GPU check's rehearsal: the plan's two buckets, the compiled graphs
+    shared by the layers, the eager stand-in's capture, five "graphed" steps equal to five eager ones,
+    fresh dropout masks at each "replay"; GPU memory and the host-sync check need CUDA."""
+    result = run_cli("bench/gpu_check.py", "--smoke")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line.split(maxsplit=2) for line in result.stdout.splitlines() if line.split()[:1] in (["ok"], ["skip"])]
+    assert [(status, name) for status, name, _ in lines] == [
+        ("ok", "buckets"), ("ok", "compiled"), ("ok", "capture"), ("skip", "memory"), ("ok", "same"), ("ok", "dropout"),
+        ("skip", "no-sync")], result.stdout
 
 
 def test_gpu_bench_pipeline_on_a_tiny_model():

@@ -46,28 +46,6 @@ def test_gradient_buffers_survive_zero_grad_set_to_none():
     assert all((b == 0).all() for b in grads.buffers)
 
 
-class EagerReplays(cudagraphs.GraphedSteps):
-    """A graph per shape without CUDA: "capture" keeps the static buffers (the stand-in's "graph"), a
-    "replay" runs the very step a capture records (zero the buffers, loss over `items`, backward) from
-    them and, as a replay does, writes the gradients into the captured gradient buffers whatever
-    `.grad` holds: no new `.grad` tensor. So a step whose `.grad` is not its buffer (the Trainer's
-    zero_grad(set_to_none=True) left None) reaches the optimizer without gradients, as on a GPU."""
-
-    replays = 0
-
-    def record(self, static):
-        return static, None
-
-    def replay(self, graph, loss):
-        EagerReplays.replays += 1
-        found = [p.grad for p in self.grads.parameters]
-        self.grads.attach()  # the captured backward writes into the buffers
-        loss = self.forward_backward(graph)
-        for parameter, grad in zip(self.grads.parameters, found):
-            parameter.grad = grad  # what the caller left there, as a replay leaves it
-        return loss
-
-
 def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, monkeypatch):
     """Through the Trainer's whole loop (zero_grad(set_to_none), clipping, fused schedule, evaluation):
     every step runs from the static buffers and gradient buffers, and the run ends as a plain one."""
@@ -77,7 +55,7 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
     real_use_graphs = cudagraphs.use_graphs
 
     def use_eager_replays(trainer, train_batches):
-        captured.append(real_use_graphs(trainer, train_batches, kind=EagerReplays))
+        captured.append(real_use_graphs(trainer, train_batches, kind=cudagraphs.EagerReplays))
         shapes.extend(captured[-1].graphs)
         trainers.append(trainer)
         return captured[-1]
@@ -90,10 +68,64 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
         runs[name] = (out, training.train(config).metrics)
     assert captured[0] is not None and shapes  # one per shape of the step plan
     assert all(rows == 32 and width % fastpath.BUCKET == 0 for rows, width in shapes)
-    assert EagerReplays.replays == runs["graphed"][1]["train"]["steps"]  # every step was a "replay"
+    assert captured[0].replays == runs["graphed"][1]["train"]["steps"]  # every step was a "replay"
     assert_same_training(runs["plain"], runs["graphed"], rel=1e-4)
     # released when training ended: no graph, and no reference cycle keeping them with the trainer
     assert not captured[0].graphs and captured[0].trainer is None and trainers[0].graphed_steps is None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_capture_steps_and_evaluation_share_one_autocast(tiny_qwen, tmp_path, monkeypatch, precision):
+    """CUDA graphs need autocast without its weight cache, and dynamo guards on that flag: a capture in an
+    autocast of its own compiled every training shape again (the budget counted them twice). The fast
+    path runs the whole job in accelerate's autocast with the cache off and the capture enters that very
+    autocast: the rehearsal compiles the plan's graphs, and the capture (its warm-up, in the stand-in),
+    the steps, evaluations and predictions add none. bf16 forced on (a CPU without AVX512-BF16 would run
+    fp32); in fp32 there is no autocast, and the capture enters none either. dynamo's eager backend keeps
+    the tracing, guards and graphs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    monkeypatch.setattr(machine, "check_cuda_graphs", lambda config, args: None)  # this machine has no CUDA
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
+    counted, plan, captured, autocasts = {}, [], [], set()
+    real_rehearse, real_use_graphs = fastpath.rehearse, cudagraphs.use_graphs
+
+    def rehearse(trainer, train_batches, eval_batches, layers):
+        plan.append(2 * len(train_batches) + len(eval_batches))
+        compiled = real_rehearse(trainer, train_batches, eval_batches, layers)
+        counted["rehearsal"] = graphs() - counted["start"]
+        return compiled
+
+    def use_eager_replays(trainer, train_batches):
+        # the autocast of every forward from here on: the capture's, the steps' and the evaluations'
+        trainer.model.get_input_embeddings().register_forward_hook(lambda *_: autocasts.add(
+            (torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled())))
+        captured.append(real_use_graphs(trainer, train_batches, kind=cudagraphs.EagerReplays))
+        counted["capture"] = graphs() - counted["start"]
+        return captured[-1]
+
+    monkeypatch.setattr(fastpath, "rehearse", rehearse)
+    monkeypatch.setattr(cudagraphs, "use_graphs", use_eager_replays)
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=32, fp32=precision == "fp32") + [
+        "peft.lora_dropout=0", "training.fast_path=true", "training.cuda_graphs=true", "training.report_to=none"]
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+            counted["start"] = graphs()
+            summary = training.train(load_config(REFERENCE_CONFIG, overrides)).metrics
+            counted["end"] = graphs() - counted["start"]
+    finally:
+        torch._dynamo.reset()
+    assert summary["precision"] == precision and captured[0] is not None and captured[0].replays == summary["train"]["steps"]
+    assert counted == {"start": counted["start"], "rehearsal": plan[0], "capture": plan[0], "end": plan[0]}
+    # bf16: autocast without its weight cache everywhere; fp32: no autocast anywhere (the cache flag as it was)
+    assert autocasts == ({(True, False)} if precision == "bf16" else {(False, True)})
 
 
 ONE_GPU = {"deepspeed": None, "world_size": 1, "n_gpu": 1, "optim": "adamw_torch_fused"}

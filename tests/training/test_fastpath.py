@@ -93,6 +93,46 @@ def plain_and_fast_runs(tiny_qwen, tmp_path) -> dict:
 
 
 @pytest.mark.slow
+def test_with_dropout_a_fast_run_is_another_seed_of_the_plain_run(minilm_path, tmp_path, monkeypatch):
+    """With dropout (the reference config's lora_dropout 0.1) the fast path draws other masks than the
+    plain path with the same seed: the random stream is used in an order that depends on the shapes
+    (bucket padding, filler rows, one 32-row micro-batch in place of two of 16). So a fast run is
+    another run of the same recipe: per seed its final validation logits differ from the plain run's
+    (without dropout they agree to 1e-4), and its validation MCC falls within the spread between seeds. MiniLM + LoRA (the CPU default's) on a slice of
+    real SST-2 that it learns in two epochs, 4 seeds of each; layers uncompiled here (the order of the
+    masks, not the compiler, is the point; inductor would take minutes on 2 cores)."""
+    import json
+    from statistics import mean
+
+    from conftest import CPU_CONFIG, GLUE_DIR
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
+    runs = {"plain": [], "fast": []}
+    for seed in (1, 2, 3, 4):
+        for name, extra in (("plain", []), ("fast", ["training.fast_path=true"])):
+            overrides = [f"model.name_or_path={minilm_path}", f"dataset.data_dir={GLUE_DIR}", "dataset.subset=sst2",
+                         "dataset.max_train_samples=512", "dataset.max_eval_samples=256", "training.num_train_epochs=2",
+                         "peft.lora_dropout=0.1", f"training.seed={seed}", "training.per_device_train_batch_size=16",
+                         "training.gradient_accumulation_steps=2", f"training.output_dir={tmp_path / name / str(seed)}",
+                         "training.report_to=none", *extra]
+            summary = train(load_config(CPU_CONFIG, overrides)).metrics
+            predictions = (tmp_path / name / str(seed) / "validation_predictions.jsonl").read_text().splitlines()
+            runs[name].append((summary["validation"]["matthews_correlation"],
+                               torch.tensor([json.loads(line)["logits"] for line in predictions])))
+    mcc = {name: [m for m, _ in values] for name, values in runs.items()}
+    apart = [float((fast - plain).abs().max()) for (_, plain), (_, fast) in zip(runs["plain"], runs["fast"])]
+    print(f"\nSST-2, 512 sentences, 2 epochs, lora_dropout 0.1, seeds 1-4: validation MCC plain "
+          f"{[round(m, 4) for m in mcc['plain']]}, fast {[round(m, 4) for m in mcc['fast']]}; largest logit "
+          f"difference per seed {[round(a, 4) for a in apart]}")
+    assert all(m > 0.3 for values in mcc.values() for m in values), mcc  # both learned
+    assert all(a > 1e-3 for a in apart), apart  # not the same run (it is, to 1e-4, without dropout)
+    # Same distribution: the means differ by less than the spread within either path (for two samples of
+    # 4 from one normal distribution this fails about 1 time in 100).
+    spread = max(max(values) - min(values) for values in mcc.values())
+    assert abs(mean(mcc["fast"]) - mean(mcc["plain"])) <= spread, mcc
+
+
+@pytest.mark.slow
 def test_the_compiled_fast_path_learns_what_the_plain_path_learns(tiny_qwen, tmp_path):
     """Regional torch.compile (inductor on the CPU) of the decoder layers: minutes to compile here."""
     runs = plain_and_fast_runs(tiny_qwen, tmp_path)
@@ -177,90 +217,97 @@ def test_random_sampling_keeps_the_training_collator(tiny_qwen, tmp_path):
     assert trainer.get_train_dataloader().collate_fn is trainer.train_collator
 
 
-def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, monkeypatch, caplog):
-    """RTE's long pairs fill many 16-token buckets; with dynamic=False each shape (and train/eval mode)
-    is one compilation, and past dynamo's recompile limit the layers would quietly run eager.
-    fail_on_recompile_limit_hit turns that into an error; dynamo's eager backend keeps the
-    tracing (and its guards and recompilations) without inductor's minutes of code generation."""
+@pytest.fixture
+def eager_dynamo(monkeypatch):
+    """nn.Module.compile with dynamo's eager backend: dynamo's tracing, guards, recompilations and limits
+    without inductor's minutes of code generation; dynamo's caches and settings put back after."""
     import torch._dynamo
 
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
-    # dynamo's own patch (a monkeypatch undo left recompile_limit deleted for later tests of the process)
-    dynamo_settings = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
-                                                 recompile_limit=torch._dynamo.config.recompile_limit)
     torch._dynamo.reset()
+    # dynamo's own patch (a monkeypatch undo left recompile_limit deleted for later tests of the process)
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit,
+                                    accumulated_recompile_limit=torch._dynamo.config.accumulated_recompile_limit):
+        yield
+    torch._dynamo.reset()
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, caplog, eager_dynamo):
+    """RTE's long pairs fill many 16-token buckets; with dynamic=False each shape (and train/eval mode)
+    is one compilation, and past dynamo's recompile limit the layers would quietly run eager.
+    fail_on_recompile_limit_hit turns that into an error."""
+    import torch._dynamo
+
+    started = graphs_compiled()
     out = tmp_path / "rte"
     rte = ["dataset.subset=rte", "dataset.text_column=null", "training.metric_for_best_model=accuracy",
            "training.fast_path=true", "training.report_to=none"]
-    with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
+    with caplog.at_level("WARNING", logger="gluetune"), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         summary = train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, out, train=160, evals=32) + rte)).metrics
     assert summary["train"]["steps"] == 5
     assert "rehearsal before training failed" not in caplog.text  # the layers would run eager
-    counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])  # past the default limit
-    torch._dynamo.reset()
+    assert graphs_compiled() - started > 8  # past dynamo's default recompile_limit
 
 
-def test_the_rehearsal_compiles_what_bf16_training_and_evaluation_run(tiny_qwen, tmp_path, monkeypatch, caplog):
-    """Under bf16 mixed precision accelerate runs the model's forward in torch.autocast once training
-    starts (Accelerator.prepare_model); the rehearsal, before that, must run in the same autocast, or it
-    fails (the fp32 head meets bf16 hidden states: the run trains eagerly) or compiles graphs that the
-    first step and evaluation compile again (dynamo guards on the autocast state). bf16 is forced on
-    here (a CPU without AVX512-BF16 would run fp32); dynamo's eager backend keeps the tracing, guards and graphs."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
+def test_the_layers_share_the_graphs_the_plan_counts(tiny_qwen_4_layers, tmp_path, monkeypatch, caplog, eager_dynamo):
+    """One graph per shape and mode, shared by every layer (one code object), as the plan counts them:
+    two per training shape (the first layer's input, from the frozen embeddings, does not require grad,
+    the later layers' do: dynamo guards on it) and one per evaluation shape; the steps, evaluations and
+    final predictions after the rehearsal add none. Counted on 4 layers, where a per-layer graph shows:
+    dynamo specialises on the int attributes a traced forward reads, and a KV cache's update reads
+    `layer_idx`, so a model that runs with its cache on (here `training.use_cache`, which the Trainer
+    copies into the model's config) made a graph per layer, 28 per shape for Qwen2.5-1.5B, past the
+    limits. Under bf16 mixed precision (forced on: a CPU without AVX512-BF16 would run fp32) the rehearsal
+    runs in the autocast accelerate gives the steps (dynamo guards on the autocast state too)."""
     from gluetune.training import machine
 
     monkeypatch.setattr(machine, "native_bf16", lambda: True)
-    original = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
-    after_rehearsal = []
+    started, plans, after_rehearsal = graphs_compiled(), [], []
     real_rehearse = fastpath.rehearse
 
-    def rehearse(*args):
-        compiled = real_rehearse(*args)
-        after_rehearsal.append((compiled, counters["stats"]["unique_graphs"]))
+    def rehearse(trainer, train_batches, eval_batches, layers):
+        plans.append(2 * len(train_batches) + len(eval_batches))
+        compiled = real_rehearse(trainer, train_batches, eval_batches, layers)
+        after_rehearsal.append((compiled, graphs_compiled() - started))
         return compiled
 
     monkeypatch.setattr(fastpath, "rehearse", rehearse)
-    dynamo_settings = torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit)
-    torch._dynamo.reset()
-    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=32, fp32=False) + [
-        "training.fast_path=true", "training.report_to=none"]
-    try:
-        with caplog.at_level("WARNING", logger="gluetune"), dynamo_settings:
-            summary = train(load_config(REFERENCE_CONFIG, overrides)).metrics
-        graphs = counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
+    overrides = tiny_overrides(tiny_qwen_4_layers, tmp_path / "run", train=64, evals=32, fp32=False) + [
+        "training.fast_path=true", "training.report_to=none", "training.use_cache=true"]
+    with caplog.at_level("WARNING", logger="gluetune"):
+        summary = train(load_config(REFERENCE_CONFIG, overrides)).metrics
     assert summary["precision"] == "bf16" and summary["train"]["steps"] == 2
-    assert after_rehearsal == [(True, graphs)], caplog.text  # compiled, and no graph made after the rehearsal
+    assert caplog.text.count("fast path: the model's KV cache off (training.use_cache asked for it)") == 1
+    assert after_rehearsal == [(True, plans[0])], caplog.text  # the rehearsal compiled the plan's graphs
+    assert graphs_compiled() - started == plans[0]  # and training, evaluation and predictions none more
 
 
-def test_the_recompile_room_holds_every_graph_a_bucket_makes(tiny_qwen, tmp_path, monkeypatch):
-    """prepare_model's room in dynamo's recompile_limit, per bucket: two training graphs (the first
-    layer's input does not require grad, the later layers' do), one for full evaluation batches, one
-    for a split's last batch. Dynamo's own limit is set to 1 here so that the room alone must hold
-    them: one bucket (max_length 16), evaluation in batches of 32 with a short last one."""
+def test_dynamos_two_limits_hold_the_plan_for_the_run_only(tiny_qwen, tmp_path, caplog, eager_dynamo):
+    """dynamo stops compiling a code object past `recompile_limit` (cache entries, 8 by default) or
+    `accumulated_recompile_limit` (compilations, 256), and from then on runs it eagerly without a word.
+    The fast path raises both to what its plan compiles, for the run only, and says so in one line.
+    Both are 1 here (fail_on_recompile_limit_hit makes a hit the rehearsal's failure): one bucket
+    (max_length 16) and evaluation in batches of 32 with a short last one make 4 graphs."""
     import torch._dynamo
 
-    original = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
-    config, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "dataset.max_length=16",
-                                             "training.per_device_eval_batch_size=32")
-    short = train_set.filter(lambda row: row["length"] <= 16)
-    assert len(short) % 32 and len(short) > 32  # full evaluation batches and a short last one
-    dynamo_settings = torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True)
-    torch._dynamo.reset()
-    try:
-        with dynamo_settings:
-            layers = fastpath.prepare_model(trainer, config)
-            train_batches, eval_batches = fastpath.rehearsal_batches(trainer, short, [short.sort("length")])
-            assert (len(train_batches), len(eval_batches)) == (1, 2)
-            assert fastpath.rehearse(trainer, train_batches, eval_batches, layers)
-            assert torch._dynamo.config.recompile_limit == 4
-    finally:
-        fastpath.uncompile(layers)
-        torch._dynamo.reset()
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=48) + [
+        "training.fast_path=true", "training.report_to=none", "dataset.max_length=16",
+        "training.per_device_eval_batch_size=32"]
+    started = graphs_compiled()
+    limits = torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1, fail_on_recompile_limit_hit=True)
+    with caplog.at_level("INFO", logger="gluetune"), limits:
+        train(load_config(REFERENCE_CONFIG, overrides))
+        after = torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit
+    assert "rehearsal before training failed" not in caplog.text
+    assert graphs_compiled() - started == 4  # 2 in training, one per evaluation batch shape
+    assert after == (1, 1)  # put back when the run ended
+    said = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "recompile_limit 1" in said[0] and "accumulated_recompile_limit 1" in said[0], said

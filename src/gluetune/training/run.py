@@ -7,6 +7,7 @@ writes files; the others wait for it where they must and take every decision wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -109,35 +110,40 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
     evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
     stop, board = GracefulStop(), _tensorboard(config)
     trainer = _build_trainer(config, args, tokenizer, model, encoded["train"], evals, [board, stop, *callbacks])
-    if distributed.is_main_process():
-        save_config(config, config.output_dir)
-        batch = batch_factors(args)
-        outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
-                               precision_of(args),
-                               quantization.describe(config.model.quantization) if config.model.quantization else None,
-                               optimizer=optimizer_name(args))
-        logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
-        if checkpoint is not None:
-            logger.info("resuming from %s", checkpoint)
-    stop.install()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    finally:
-        stop.uninstall()
-    if stop.received is not None:
-        raise RunInterrupted(
-            f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint "
-            f"{rundir.latest_checkpoint(config.output_dir)} saved. Continue with: gluetune train --config ... --resume",
-            stop.received,
-        )
-
-    predictions = {split: trainer.predict(ds, metric_key_prefix="final") for split, ds in evals.items()}
+    with _fast_path(config, trainer, encoded["train"], evals):  # its compiling and capture come first
+        if distributed.is_main_process():
+            _record_start(config, args, trainer, raw, checkpoint)
+        stop.install()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            stop.uninstall()
+        if stop.received is not None:
+            raise RunInterrupted(
+                f"stopped by signal {stop.received} at step {trainer.state.global_step}; checkpoint "
+                f"{rundir.latest_checkpoint(config.output_dir)} saved. Continue with: gluetune train --config ... --resume",
+                stop.received,
+            )
+        predictions = {split: trainer.predict(ds, metric_key_prefix="final") for split, ds in evals.items()}
     trainer.save_model(str(config.output_dir))  # every process: a sharded model is gathered first
     summary = _summary(config, args, trainer, result, predictions, checkpoint, started)
     if distributed.is_main_process():
         _write_outputs(config, trainer, tokenizer, evals, predictions, summary, board)
     distributed.wait_for_everyone()
     return TrainOutcome(metrics=summary, model=trainer.model, tokenizer=tokenizer, predictions=predictions)
+
+
+def _record_start(config: RunConfig, args: TrainingArguments, trainer, raw: dict, checkpoint: Path | None) -> None:
+    """The run's config and record in its folder, and how it trains (main process)."""
+    save_config(config, config.output_dir)
+    batch = batch_factors(args)
+    outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
+                           precision_of(args),
+                           quantization.describe(config.model.quantization) if config.model.quantization else None,
+                           optimizer=optimizer_name(args))
+    logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
 
 
 def _load_model(config: RunConfig, args: TrainingArguments):
@@ -193,19 +199,30 @@ def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: 
         split_of_a_step=config.training.get("gradient_accumulation_steps", 1) * args.world_size,
         parameter_groups=lambda m: methods.parameter_groups(m, config.peft, args),
         loss_watch=watch,
+        autocast_cache=not fastpath.enabled(config),  # one autocast for its rehearsal, capture and steps
     )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
         logger.warning("FSDP: accelerate shards models only on GPUs; on this machine the processes run plain DDP "
                        "(the same training, each process holding the whole model)")
     trainer.remove_callback(PrinterCallback)  # progress.ConsoleProgress shows progress instead
     trainer.remove_callback(ProgressCallback)
-    if fastpath.enabled(config):
-        layers = fastpath.prepare_model(trainer, config)
-        train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
+    return trainer
+
+
+@contextlib.contextmanager
+def _fast_path(config: RunConfig, trainer, train_set, evals: dict):
+    """With the fast path: its compiled layers, compiled before the first step, and its captured steps;
+    dynamo's recompile limits hold every graph the run makes until the block ends (the last prediction)."""
+    if not fastpath.enabled(config):
+        yield
+        return
+    layers = fastpath.prepare_model(trainer, config)
+    train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
+    with fastpath.compile_limits(fastpath.planned_graphs(train_batches, eval_batches)):
         fastpath.rehearse(trainer, train_batches, eval_batches, layers)
         if config.training.get("cuda_graphs"):
             cudagraphs.use_graphs(trainer, train_batches)
-    return trainer
+        yield
 
 
 def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkpoint: Path | None, started: float) -> dict:

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import AutocastKwargs
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
@@ -35,13 +36,19 @@ class GluetuneTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, group_steps: int | None = None, parameter_groups=None, loss_watch=None,
-                 train_collator=None, split_of_a_step: int | None = None, **kwargs):
+                 train_collator=None, split_of_a_step: int | None = None, autocast_cache: bool = True, **kwargs):
         """`group_steps`: optimizer steps per length-sorted group (None: the sampler's default);
         `parameter_groups(model)`: optimizer groups with their own learning rates, or None;
         `loss_watch`: a callbacks.LossWatch that sees every micro-batch's loss;
         `train_collator`: the training batches' collator, if not `data_collator` (fastpath);
         `split_of_a_step`: micro-batches x processes per step as configured, when the fast path runs
-        the step as one micro-batch (so a short last step is treated the same way)."""
+        the step as one micro-batch (so a short last step is treated the same way);
+        `autocast_cache=False`: mixed precision's autocast without its weight-cast cache, for the
+        whole job (accelerate's AutocastKwargs): what a CUDA-graph capture needs, and dynamo guards on
+        it, so the fast path's rehearsal, capture, steps and evaluations share their compiled graphs.
+        It costs nothing here: autocast caches only casts of trainable fp32 weights, and a weight used
+        once per forward (each LoRA factor, the head) is cast once either way."""
+        self.autocast_cache = autocast_cache  # read by _build_accelerator_args, inside Trainer.__init__
         super().__init__(*args, **kwargs)
         self.group_steps = group_steps
         self.split_of_a_step = split_of_a_step
@@ -56,6 +63,12 @@ class GluetuneTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.epoch_of_batches = _EpochOfBatches()
         self.add_callback(self.epoch_of_batches)
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        if not self.autocast_cache:
+            args["kwargs_handlers"] = [*args.get("kwargs_handlers", []), AutocastKwargs(cache_enabled=False)]
+        return args
 
     # ---------------------------------------------------------------- data
 

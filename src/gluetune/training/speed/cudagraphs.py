@@ -2,8 +2,9 @@
 
 Written without a GPU at hand: the pieces that run without CUDA are tested (static buffers, gradient
 buffers, the per-bucket step plan of fastpath.rehearsal_batches, a whole run with an eager stand-in
-for capture and replay), the capture itself has not run yet. A failure to
-capture is caught before training (the run says so in one line and trains without graphs).
+for capture and replay, EagerReplays), the capture itself has not run yet; bench/gpu_check.py checks it
+on a GPU first. A failure to capture is caught before training (the run says so in one line and trains
+without graphs).
 
 Why: a LoRA step on CoLA-sized batches is thousands of small kernels, each launched by the host; a
 CUDA graph launches a recorded step in one call. The fast path gives each epoch a handful of shapes
@@ -22,6 +23,9 @@ The known pitfalls, and what is done about each:
 - no host sync inside: the loss is normalised by a device tensor; the Trainer's NaN filter is off
   (arguments.trainer_kwargs) and token counting is not asked for; a sync that remains fails the
   capture, which the rehearsal turns into a run without graphs;
+- autocast's weight-cast cache must be off in a graph: the fast path runs the whole job's autocast
+  without it (GluetuneTrainer's `autocast_cache`), and the capture enters that same autocast, so it
+  reuses the compiled layers' graphs (dynamo guards on the flag) instead of compiling each shape again;
 - LoRA dropout's random numbers: `torch.cuda.graph` registers the default CUDA generator, and each
   replay advances its offset, so every replay draws fresh masks (PyTorch's "graph-safe" RNG);
 - evaluation never runs in a graph, and the only graph output read (the loss) is copied at once;
@@ -86,7 +90,6 @@ class GraphedSteps:
         self.trainer = trainer
         self.model = trainer.model
         self.device = trainer.args.device
-        self.dtype = torch.bfloat16 if trainer.args.bf16 else None
         self.grads = GradientBuffers(self.model.parameters())
         self.items = torch.ones((), device=self.device)  # the step's example count, read by every graph
         self.pool = None
@@ -95,8 +98,11 @@ class GraphedSteps:
     def forward_backward(self, static: StaticBatch) -> torch.Tensor:
         """The step as captured: zero the gradient buffers, loss over the step's examples, backward."""
         self.grads.zero()
-        # autocast's weight-cast cache must be off inside a graph (PyTorch's CUDA-graph notes)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
+        # The autocast the Trainer's steps run in (Accelerator.autocast: the same state; accelerate wraps
+        # the forward in it only once train() starts), which the fast path builds without its weight-cast
+        # cache (GluetuneTrainer's autocast_cache): a graph must not hold cached casts (PyTorch's CUDA-graph
+        # notes), and dynamo guards on the flag, so the capture reuses the rehearsal's compiled graphs.
+        with self.trainer.accelerator.autocast():
             loss = self.trainer.compute_loss(self.model, dict(static.tensors), num_items_in_batch=self.items)
         loss.backward()
         return loss.detach()
@@ -151,9 +157,35 @@ class GraphedSteps:
         return self.replay(graph, loss).clone()
 
 
+class EagerReplays(GraphedSteps):
+    """A stand-in for machines without CUDA (the tests, bench/gpu_check.py --smoke): a graph per shape
+    whose "capture" runs the warm-up step a capture runs and keeps the static buffers, and whose "replay"
+    runs the very step a capture records (zero the buffers, loss over `items`, backward) from them. Like
+    a replay it writes the gradients into the captured gradient buffers whatever `.grad` holds: a step
+    whose `.grad` is not its buffer (the Trainer's zero_grad(set_to_none=True) left None) reaches the
+    optimizer without gradients, as on a GPU. Dropout draws from the CPU generator at each "replay"."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.replays = 0
+
+    def record(self, static: StaticBatch) -> tuple[object, torch.Tensor | None]:
+        self.forward_backward(static)  # the warm-up (compiled layers compile here if a shape is new)
+        return static, None
+
+    def replay(self, graph, loss: torch.Tensor | None) -> torch.Tensor:
+        self.replays += 1
+        found = [p.grad for p in self.grads.parameters]
+        self.grads.attach()  # the captured backward writes into the buffers
+        loss = self.forward_backward(graph)
+        for parameter, grad in zip(self.grads.parameters, found):
+            parameter.grad = grad  # what the caller left there, as a replay leaves it
+        return loss
+
+
 def use_graphs(trainer, train_batches: list[dict], kind: type[GraphedSteps] = GraphedSteps) -> GraphedSteps | None:
     """Capture a graph per training shape and hand them to the trainer; None (one line said why) if
-    this run cannot use them. (`kind`: a stand-in that runs the steps eagerly, for tests without CUDA.)"""
+    this run cannot use them. (`kind`: EagerReplays without CUDA.)"""
     if trainer.args.fp16:
         logger.warning("training.cuda_graphs: fp16's loss scaler checks every step on the host; training without "
                        "CUDA graphs (bf16 or fp32 run with them)")

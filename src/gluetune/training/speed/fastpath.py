@@ -2,7 +2,13 @@
 
 A LoRA step on short sentences (CoLA: ~9 tokens) costs the GPU little; what costs is the host
 launching thousands of small kernels per micro-batch. The fast path changes how the run executes,
-never what it learns (same examples per optimizer step, same schedule):
+not what it computes (same examples per optimizer step, same schedule, same loss): without dropout a
+fast run is the plain run, step for step, to float rounding. With dropout (the reference config's
+`lora_dropout: 0.1`) it is another run of the same recipe, as another seed is: the masks come from a
+random stream whose use depends on the shapes drawn from it (bucket padding, filler rows, 32 x 1 in
+place of 16 x 2; CUDA graphs draw at other offsets), so a fast run draws other masks than the plain
+run with the same seed, and reaches the same validation score only within the spread between seeds
+(tested on MiniLM and real CoLA, docs/performance.md).
 
 - **One micro-batch per optimizer step.** `per_device_train_batch_size x gradient_accumulation_steps`
   in one micro-batch (16 x 2 runs as 32 x 1): the step's examples are the same (sampling groups
@@ -16,6 +22,8 @@ never what it learns (same examples per optimizer step, same schedule):
   graphs: `reduce-overhead` on a block that runs 28 times a step crashed on an H200 (CUDA-graph trees
   free a block's outputs when it is entered again, while the next block and the backward still read
   them; pytorch/pytorch#152887). Whole-step CUDA graphs are `training.cuda_graphs` (cudagraphs.py).
+  Every layer shares one graph per shape and mode (planned_graphs), the model's KV cache off; dynamo's
+  two recompile limits are raised to hold them for the run, and put back after (compile_limits).
 - **A rehearsal before training** (`rehearse`): every training shape runs forward and backward once,
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
@@ -30,6 +38,7 @@ every path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -123,22 +132,56 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     if not enabled(config):
         return []
     layers = repeated_layers(trainer.model)
-    # dynamic=False makes one graph per input shape and mode (training, evaluation), shared by every
-    # layer (one code object); past dynamo's recompile_limit (8) the layers run eager for good, which
-    # long texts (RTE: every bucket up to max_length) reach within an epoch. Room for every graph the
-    # run can make, per bucket: two in training (the first layer's input, from the frozen embeddings,
-    # does not require grad; the later layers' inputs do: dynamo guards on it), one for full
-    # evaluation batches and one for each validation split's last batch. CUDA graphs capture training
-    # under autocast without its weight cache (cudagraphs.GraphedSteps), which dynamo guards on too:
-    # two more per bucket.
-    training = 2 * (2 if config.training.get("cuda_graphs") else 1)
-    graphs = padded(config.dataset.max_length) // BUCKET * (training + 1 + len(config.task.validation_splits))
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+    # dynamic=False makes one graph per input shape and mode, shared by every layer (one code object;
+    # planned_graphs counts them) as long as the traced forward reads no int attribute that differs
+    # per layer: dynamo specialises on those, and a KV cache's update reads `layer_idx`, so a model
+    # run with its cache on compiles a graph per layer (28 per shape for Qwen2.5-1.5B). A classifier
+    # never reads its cache back. The Trainer set the config's flag from training.use_cache (off by default).
+    cached = [m.config for m in trainer.model.modules() if getattr(getattr(m, "config", None), "use_cache", False)]
+    if cached:
+        logger.warning("fast path: the model's KV cache off (training.use_cache asked for it): a classifier never reads "
+                       "it, and with it each compiled layer would make graphs of its own")
+    for model_config in cached:
+        model_config.use_cache = False
     for layer in layers:
         layer.compile(dynamic=False)
     logger.info("fast path: one micro-batch per step (%d rows), %d-token buckets, %d compiled layers",
                 trainer.args.per_device_train_batch_size, BUCKET, len(layers))
     return layers
+
+
+def planned_graphs(train_batches: list, eval_batches: list) -> int:
+    """The graphs the compiled layers make in a run, shared by every layer: two per training shape (the
+    first layer's input, from the frozen embeddings, does not require grad, the later layers' inputs do,
+    and dynamo guards on it) and one per evaluation shape. The rehearsal, the CUDA-graph capture, the
+    steps and the evaluations all run in one autocast (GluetuneTrainer's `autocast_cache`), so they make no
+    others."""
+    return 2 * len(train_batches) + len(eval_batches)
+
+
+@contextlib.contextmanager
+def compile_limits(graphs: int):
+    """dynamo's two recompile limits raised, while the block runs, to hold `graphs` more compilations
+    of the layers' code; one line says so when they would not have held them.
+
+    Past `recompile_limit` (a code object's cache entries, 8 by default) or `accumulated_recompile_limit`
+    (its compilations in this process, 256) dynamo stops compiling the layers and runs them eagerly
+    from then on, with no more than a warning in its own log. Both count what the process compiled
+    before the run (an earlier run of the same process left its entries), so the room is counted from
+    the compilations of dynamo's busiest code object so far. Process-wide settings: put back after."""
+    from torch._dynamo import config as dynamo_config
+    from torch._dynamo import convert_frame
+
+    before = max(getattr(convert_frame, "FRAME_COMPILE_COUNTER", {}).values(), default=0)
+    needed = before + graphs
+    short = {name: getattr(dynamo_config, name) for name in ("recompile_limit", "accumulated_recompile_limit")
+             if getattr(dynamo_config, name) < needed}
+    if short:
+        logger.info("fast path: the layers' code may hold up to %d compiled graphs (%d of them from before this run), "
+                    "past dynamo's %s; raised to %d for this run", needed, before,
+                    " and ".join(f"{k} {v}" for k, v in short.items()), needed)
+    with dynamo_config.patch(**{name: needed for name in short}):
+        yield
 
 
 def uncompile(layers: Iterable[torch.nn.Module]) -> None:
