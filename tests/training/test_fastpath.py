@@ -211,9 +211,9 @@ def test_the_rehearsal_compiles_what_bf16_training_and_evaluation_run(tiny_qwen,
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from gluetune.training import machine
+    from gluetune.training import training_args
 
-    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    monkeypatch.setattr(training_args, "native_bf16", lambda: True)
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
     after_rehearsal = []

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from gluetune.files import installed_version
-from gluetune.training.machine import accelerator_settings
 from gluetune.training.speed.cpu import FastCpuDropout, limit_cpu_heap_growth, use_fast_cpu_dropout
+from gluetune.training.training_args import accelerator_settings
 
 
 def test_fast_dropout_keeps_one_minus_p_and_scales_like_dropout():

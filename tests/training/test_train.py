@@ -14,8 +14,8 @@ from gluetune.config.run import load_config
 from gluetune.config.tasks import get_task
 from gluetune.data.loading import read_glue_split
 from gluetune.results.prediction import Classifier
-from gluetune.training.machine import cpu_bf16
 from gluetune.training.run import train
+from gluetune.training.training_args import cpu_bf16
 
 
 def scalar_tags(log_dir) -> set[str]:
@@ -208,7 +208,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_in(tiny_qwen, tmp_path, mo
     from transformers import TrainerCallback
 
     from gluetune.errors import RunInterrupted
-    from gluetune.training import machine
+    from gluetune.training import training_args
 
     class StopAfterFirstSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -217,11 +217,11 @@ def test_a_resumed_run_keeps_the_precision_it_started_in(tiny_qwen, tmp_path, mo
 
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_qwen, out, train=64, evals=16, epochs=2, fp32=False)
-    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    monkeypatch.setattr(training_args, "native_bf16", lambda: False)
     with pytest.raises(RunInterrupted):
         train(load_config(REFERENCE_CONFIG, overrides), callbacks=[StopAfterFirstSave()])
     assert json.loads((out / "run_record.json").read_text())["precision"] == "fp32"
-    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    monkeypatch.setattr(training_args, "native_bf16", lambda: True)
     config = load_config(REFERENCE_CONFIG, overrides)
     config.control.resume = "auto"
     with caplog.at_level("INFO", logger="gluetune"):

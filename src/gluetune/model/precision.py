@@ -1,6 +1,6 @@
 """Which reduced precisions this machine computes natively: where bf16 is worth running.
 
-Training (training.machine) and prediction (results.prediction) ask the same questions, so a
+Training (training.training_args) and prediction (results.prediction) ask the same questions, so a
 folder predicts in the precision it was trained and evaluated in wherever the machine has it.
 """
 

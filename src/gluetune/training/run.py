@@ -31,7 +31,11 @@ from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
 from . import distributed, outputdir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
-from .machine import (
+from .progress import ConsoleProgress
+from .speed import cudagraphs, fastpath
+from .speed.cpu import use_fast_cpu_dropout
+from .trainer import GluetuneTrainer
+from .training_args import (
     batch_factors,
     cuda_available,
     device_name,
@@ -40,10 +44,6 @@ from .machine import (
     reporting,
     training_arguments,
 )
-from .progress import ConsoleProgress
-from .speed import cudagraphs, fastpath
-from .speed.cpu import use_fast_cpu_dropout
-from .trainer import GluetuneTrainer
 
 logger = logging.getLogger("gluetune")
 
