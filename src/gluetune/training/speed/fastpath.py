@@ -20,7 +20,7 @@ never what it learns (same examples per optimizer step, same schedule):
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
   lost. The rehearsal changes no weight, gradient or random stream, and no step is counted
-  (rollback.attempt).
+  (rollback.run_and_roll_back).
 - **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
   evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding
 
-from .rollback import attempt
+from .rollback import run_and_roll_back
 
 logger = logging.getLogger("gluetune")
 
@@ -232,7 +232,7 @@ def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layer
             where[0] += ", compiling the layers"  # dynamo's or its backend's own failure, not the model's
             raise
 
-    failure = attempt(trainer, run_every_shape)
+    failure = run_and_roll_back(trainer, run_every_shape)
     if failure is not None:
         uncompile(layers)
         logger.warning("fast path: the rehearsal before training failed%s (%s); training with eager layers instead "
