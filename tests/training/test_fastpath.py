@@ -124,7 +124,7 @@ def test_the_rehearsal_changes_no_weight_gradient_random_stream_or_step(tiny_qwe
     weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
     random_state = torch.get_rng_state()
     train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [train_set.sort("length")])
-    assert fastpath.rehearse(trainer, train_batches, eval_batches, fastpath.repeated_layers(model))  # eager layers here
+    assert fastpath.rehearse(trainer, train_batches, eval_batches, fastpath.compile_regions(model))  # eager layers here
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), random_state)  # dropout drew from it, and it was put back
     assert all(p.grad is None for p in model.parameters())

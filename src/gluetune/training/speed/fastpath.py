@@ -106,9 +106,10 @@ class BucketCollator:
         return batch
 
 
-def repeated_layers(model) -> list[torch.nn.Module]:
-    """The model's repeated blocks (decoder or encoder layers), found by the names transformers
-    gives them in `_no_split_modules` (what FSDP wraps and device maps keep whole)."""
+def compile_regions(model) -> list[torch.nn.Module]:
+    """The modules compiled one by one: those transformers names in `_no_split_modules` (what FSDP
+    wraps and device maps keep whole), the repeated decoder or encoder layers and, for some models
+    (BERT's `BertEmbeddings`), the embeddings too."""
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
@@ -122,7 +123,7 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     trees do not mix (see the module's docstring); whole-step graphs are cudagraphs.py's."""
     if not enabled(config):
         return []
-    layers = repeated_layers(trainer.model)
+    layers = compile_regions(trainer.model)
     # dynamic=False makes one graph per input shape and mode (training, evaluation), shared by every
     # layer (one code object); past dynamo's recompile_limit (8) the layers run eager for good, which
     # long texts (RTE: every bucket up to max_length) reach within an epoch. Room for every graph the
