@@ -233,7 +233,7 @@ def test_the_library_changes_no_process_wide_settings(tiny_qwen, tmp_path, monke
     def forbidden(*args, **kwargs):
         raise AssertionError("train() changed the process's malloc settings")
 
-    monkeypatch.setattr(speedups, "limit_cpu_heap_growth", forbidden)
+    monkeypatch.setattr(speedups, "lower_cpu_mmap_threshold", forbidden)
     train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "lib", train=32, evals=16)))
 
 

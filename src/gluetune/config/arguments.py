@@ -23,7 +23,7 @@ GLUETUNE_KEYS: dict[str, Any] = {
     "logging_dir": str | None,  # TensorBoard event files; default <output_dir>/logs
     "warmup_ratio": float | None,  # v5 takes a fraction < 1 as `warmup_steps`
     "fast_cpu_dropout": bool,  # speedups.FastCpuDropout when training on a CPU (default true)
-    "cpu_heap_limit": bool,  # speedups.limit_cpu_heap_growth, by the command line on a CPU (default true)
+    "cpu_heap_limit": bool,  # speedups.lower_cpu_mmap_threshold, by the command line on a CPU (default true)
     "length_group_batches": int | None,  # optimizer steps per length-sorted group (sampling.LengthGroupedBatches)
     "fast_path": bool,  # fastpath: one micro-batch per step, padded length buckets, compiled layers (default false)
     "cuda_graphs": bool,  # cudagraphs: the fast path's steps as captured CUDA graphs (default false; unproven)
