@@ -78,9 +78,21 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def sort_checkpoints(folder: Path) -> tuple[list[Path], dict[Path, list[str]]]:
+    """(the complete checkpoints, oldest step first; {a checkpoint cut short: the files it lacks})."""
+    processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
+    complete, torn = [], {}
+    for path in checkpoints(folder):
+        missing = missing_from_checkpoint(path, processes)
+        if missing:
+            torn[path] = missing
+        else:
+            complete.append(path)
+    return complete, torn
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    processes = recorded_processes(folder)
-    complete = [p for p in checkpoints(folder) if not missing_from_checkpoint(p, processes)]
+    complete, _ = sort_checkpoints(folder)
     return complete[-1] if complete else None
 
 

@@ -19,11 +19,11 @@ from ..results.rundir import (
     LOCK_FILES,
     OWNER_FILENAME,
     RECORD_FILENAME,
-    checkpoints,
     describe_batch,
     missing_from_checkpoint,
     read_record,
     recorded_processes,
+    sort_checkpoints,
 )
 
 logger = logging.getLogger("gluetune")
@@ -197,16 +197,10 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
                 "--overwrite to start it over, or choose another training.output_dir"
             )
         return None
-    processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
-    complete = []
-    for partial in checkpoints(folder):
-        missing = missing_from_checkpoint(partial, processes)
-        if missing:
-            logger.warning("removing %s: it was being written when the run stopped (no %s)", partial,
-                           ", ".join(missing))
-            shutil.rmtree(partial)
-        else:
-            complete.append(partial)
+    complete, torn = sort_checkpoints(folder)
+    for partial, missing in torn.items():
+        logger.warning("removing %s: it was being written when the run stopped (no %s)", partial, ", ".join(missing))
+        shutil.rmtree(partial)
     if resume == "auto":
         checkpoint = complete[-1] if complete else None
         if checkpoint is None and CONFIG_FILENAME in contents:  # a run began here (not a sweep's fresh folder)
