@@ -182,9 +182,12 @@ def make_trainable(model, config: RunConfig):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, all) parameters, counted as peft counts them: a 4-bit weight (bitsandbytes'
+    Params4bit, two values a byte) counts its values, not its bytes. peft's method reads only
+    `named_parameters()`, so it counts a plain model (full fine-tuning) as well as a PeftModel."""
+    from peft import PeftModel
+
+    return PeftModel.get_nb_trainable_parameters(model)
 
 
 def describe_parameters(model) -> str:
