@@ -62,6 +62,16 @@ def test_cli_run_writes_the_promised_outputs(cli_run):
     assert resolved["training"]["bf16"] is True and resolved["dataset"]["max_train_samples"] == 96
 
 
+def test_the_run_records_how_this_cpu_computes_bf16(finished_tiny_run):
+    """bf16 kernels differ by CPU (AVX512-BF16 alone, or AMX): the same run's figures differ a little
+    between them, so the folder says which this one had, beside the precision."""
+    metrics = json.loads((finished_tiny_run / "metrics.json").read_text())
+    record = json.loads((finished_tiny_run / "run_record.json").read_text())
+    assert "cpu_bf16" in metrics and metrics["cpu_bf16"] == record["cpu_bf16"] == cpu_bf16()
+    if metrics["precision"] == "bf16" and metrics["device"] == "cpu":
+        assert f"| precision | bf16 (CPU autocast, {cpu_bf16()}) |" in (finished_tiny_run / "README.md").read_text()
+
+
 def test_cli_run_logs_to_tensorboard(cli_run):
     out, _ = cli_run
     tags = scalar_tags(out / "logs")

@@ -248,10 +248,18 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
              ("optimizer", _optimizer(facts)),
              ("schedule", f"{training.get('lr_scheduler_type', _default('lr_scheduler_type'))}, {_warmup(training)}"),
              ("weight decay", f"{training.get('weight_decay', _default('weight_decay')):g}"),
-             ("precision", str(metrics.get("precision", "?"))),
+             ("precision", _precision(metrics)),
              ("max length", f"{config.dataset.max_length} tokens"),
              ("seed", str(facts.record.get("seed", training.get("seed", "?"))))]
     return rows
+
+
+def _precision(metrics: dict) -> str:
+    """bf16 on a CPU names the CPU's bf16 instructions: its kernels, and so the run's figures, differ by them."""
+    precision = str(metrics.get("precision", "?"))
+    if precision == "bf16" and metrics.get("device") == "cpu" and metrics.get("cpu_bf16"):
+        return f"bf16 (CPU autocast, {metrics['cpu_bf16']})"
+    return precision
 
 
 def _optimizer(facts: RunFacts) -> str:

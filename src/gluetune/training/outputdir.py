@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config.run import CONFIG_FILENAME
 from ..errors import UserError
 from ..files import atomic_write_json, installed_version, sha256_of
+from ..model.precision import cpu_bf16
 from ..results.rundir import (
     LOCK_FILENAME,
     LOCK_FILES,
@@ -144,6 +145,7 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "seed": seed,
         "batch": batch,
         "precision": precision,
+        "cpu_bf16": cpu_bf16(),  # how this CPU computes bf16 (AVX512-BF16, AMX; None: emulated)
         "config": CONFIG_FILENAME,
         "python": platform.python_version(),
         "packages": versions,

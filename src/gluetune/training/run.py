@@ -27,6 +27,7 @@ from ..data.tokenizing import tokenize
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_write_json, atomic_write_text
 from ..model import classifier as models
+from ..model.precision import cpu_bf16
 from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
 from . import distributed, outputdir
@@ -242,6 +243,7 @@ def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkp
         "total_parameters": total,
         "device": device_name(),
         "precision": precision_of(args),
+        "cpu_bf16": cpu_bf16(),  # bf16 kernels differ by CPU (AVX512-BF16, AMX): so do a bf16 run's figures
     }
 
 
