@@ -168,6 +168,27 @@ def test_reloaded_folder_predicts_what_training_ended_with(tiny_qwen, tmp_path):
     assert not np.allclose(reloaded[:, 0], reloaded[:, 1])
 
 
+def test_a_folder_read_back_builds_no_kv_cache(finished_tiny_run, tmp_path):
+    """A classifier never generates: the Trainer turns the decoder's KV cache off for training and its
+    evaluations (config.use_cache = args.use_cache), and so must everything that reads a folder back
+    (predict, evaluate, the export), without changing a prediction."""
+    from gluetune.results.export import export_folder
+
+    classifier = Classifier.from_folder(finished_tiny_run)
+    decoder = classifier.model.get_base_model().base_model  # Qwen2Model, under the head
+    caches = []
+    decoder.register_forward_hook(lambda module, args, output: caches.append(output.cache))
+    texts = [(s,) for s in read_glue_split(GLUE_DIR, get_task("cola"), "validation")["sentence"][:8]]
+    without = classifier.logits(texts)
+    assert caches and all(cache is None for cache in caches)
+    decoder.config.use_cache = True
+    np.testing.assert_array_equal(classifier.logits(texts), without)  # the cache changed nothing but the work
+    assert caches[-1] is not None
+
+    export = export_folder(finished_tiny_run, tmp_path / "export")
+    assert json.loads((export / "config.json").read_text())["use_cache"] is False
+
+
 def test_gradient_checkpointing_trains_with_lora(tiny_qwen, tmp_path):
     """With checkpointed blocks the LoRA weights must still get gradients (lora_B starts at zero and
     moves only if they do), and train as without checkpointing."""

@@ -94,6 +94,12 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
         raise UserError(f"model '{model.name_or_path}': {one_line(err)}") from None
     if model.quantization:
         quantization.keep_weights_unpacked(classifier)
+    if getattr(classifier.config, "use_cache", False):
+        # A classifier never generates: with the cache on (Qwen2.5's and SmolLM2's config.json), every
+        # decoder forward would build a DynamicCache and copy each layer's keys and values into it. The
+        # Trainer turns it off for training (config.use_cache = args.use_cache); predict, evaluate and the
+        # export's config.json get it off from here.
+        classifier.config.use_cache = False
     if model.pooling == "mean":
         use_mean_pooling(classifier, model.name_or_path)
     return classifier
