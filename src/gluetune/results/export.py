@@ -30,7 +30,7 @@ from pathlib import Path
 from .. import methods
 from ..config import quantization
 from ..config.run import CONFIG_FILENAME, RunConfig, load_saved_config
-from ..data.tokenizing import PAIR_SEPARATOR, is_pair_template_tokenizer
+from ..data.tokenizing import PAIR_SEPARATOR, is_pair_template_tokenizer, pair_tokens_to_keep
 from ..errors import UserError
 from ..files import atomic_write_json, atomic_write_text
 from ..model.classifier import load_classifier, load_tokenizer, max_model_length, pool_the_mean
@@ -179,19 +179,53 @@ PAIR_SEPARATOR = {separator!r}  # how gluetune joins a pair for a tokenizer with
 
 
 class {tokenizer_class}(transformers.{base_tokenizer}):
-    """Encodes a pair as the model was trained on it: one text, first + PAIR_SEPARATOR + second."""
+    """Encodes a pair as the model was trained on it: one text, first + PAIR_SEPARATOR + second, and
+    one too long (truncation=True) cut as gluetune cut it: longest first, the separator kept."""
 
     def __call__(self, text=None, text_pair=None, **kwargs):
-        if text_pair is not None:
-            text, text_pair = join_pairs(text, text_pair), None
-        return super().__call__(text, **kwargs)
+        if text_pair is None:
+            return super().__call__(text, **kwargs)
+        joined = join_pairs(text, text_pair)
+        if kwargs.get("truncation") in (None, False, "do_not_truncate"):
+            return super().__call__(joined, **kwargs)
+        single = isinstance(joined, str)
+        firsts, joined = ([text], [joined]) if single else (list(text), joined)
+        max_length = kwargs.pop("max_length", None) or self.model_max_length
+        padding, return_tensors = kwargs.pop("padding", False), kwargs.pop("return_tensors", None)
+        pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
+        offsets_asked = kwargs.pop("return_offsets_mapping", False)
+        special_asked = kwargs.pop("return_special_tokens_mask", False)
+        kwargs.pop("truncation")
+        encoded = super().__call__(joined, truncation=False, return_offsets_mapping=True,
+                                   return_special_tokens_mask=True, **kwargs)
+        for row, first in enumerate(firsts):
+            if len(encoded["input_ids"][row]) > max_length:
+                kept = pair_tokens_to_keep(encoded["offset_mapping"][row], encoded["special_tokens_mask"][row],
+                                           len(first), len(PAIR_SEPARATOR), max_length)
+                for key in encoded:
+                    encoded[key][row] = [encoded[key][row][k] for k in kept]
+        if not offsets_asked:
+            del encoded["offset_mapping"]
+        if not special_asked:
+            del encoded["special_tokens_mask"]
+        encoded = self.pad(encoded, padding=padding, max_length=max_length if padding == "max_length" else None,
+                           pad_to_multiple_of=pad_to_multiple_of,
+                           return_tensors=return_tensors)
+        if single and return_tensors is None:
+            encoded = transformers.BatchEncoding({{key: value[0] for key, value in encoded.items()}})
+        return encoded
 
 
 def join_pairs(first, second):
     if isinstance(first, str):
         return first + PAIR_SEPARATOR + second
     return [a + PAIR_SEPARATOR + b for a, b in zip(first, second, strict=True)]
-'''
+
+'''  # then gluetune's own function, as is:
+
+
+def _pair_tokenizer_source(values: dict) -> str:
+    return _PAIR_TOKENIZER.format(**values, separator=PAIR_SEPARATOR) + "\n" + inspect.getsource(pair_tokens_to_keep)
 
 
 @dataclass
@@ -244,7 +278,7 @@ class RemoteCode:
         if self.mean_pooling:
             text += _mean_pooling_source()
         if self.base_tokenizer:
-            text += _PAIR_TOKENIZER.format(**values, separator=PAIR_SEPARATOR)
+            text += _pair_tokenizer_source(values)
         return text
 
     def write(self, folder: Path) -> None:
