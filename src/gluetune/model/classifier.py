@@ -12,6 +12,7 @@ from ..config.tasks import Task
 from ..errors import UserError, did_you_mean, one_line
 from ..files import is_local_path
 from . import quantization, sources
+from .precision import Precision, hold_trained_weights_in_fp32
 
 logger = logging.getLogger("gluetune")
 
@@ -185,6 +186,20 @@ def make_trainable(model, config: RunConfig):
         if param.requires_grad and param.dtype != torch.float32 and param.device.type != "meta":
             param.data = param.data.float()
     return model
+
+
+def load_trained(config: RunConfig, folder, pad_token_id: int, precision: Precision):
+    """The trained model of a run folder in eval mode, its weights held as its training held them
+    (model.precision): the base in `precision.load_dtype`, on a quantized base every weight
+    bitsandbytes does not quantize in fp32 (the same preparation as training's), what trained in fp32."""
+
+    def load_base(path):
+        base = load_classifier(config.model, config.task, pad_token_id, path=path, dtype=precision.load_dtype)
+        return quantization.prepare_for_training(base) if getattr(base, "is_quantized", False) else base
+
+    model = methods.load(config.peft, load_base, folder)
+    hold_trained_weights_in_fp32(model)
+    return model.eval()
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -142,7 +142,9 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
                   + ("the LoRA adapter merged into the base weights, " if facts.is_lora else "")
                   + ("the full-precision ones (it trained over a quantized base), "
                      if config.model.quantization else "")
-                  + f"weights in {_saved_dtype(saved)}.",
+                  + f"weights in {_saved_dtype(saved)}"
+                  + (f", computing under {saved['gluetune_autocast']} autocast as its run did (model.precision)"
+                     if saved.get("gluetune_autocast") else "") + ".",
                   "", "```python", "from transformers import pipeline", "",
                   f'classify = pipeline("text-classification", model="path/to/this/folder"{trust}, truncation=True)',
                   f"classify({_example_input(config)})", "```"]

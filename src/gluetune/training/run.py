@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -27,6 +26,7 @@ from ..data.tokenizing import tokenize
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_write_json, atomic_write_text
 from ..model import classifier as models
+from ..model import precision
 from ..model.precision import cpu_bf16
 from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
@@ -142,8 +142,8 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
 
 
 def _load_model(config: RunConfig, args: TrainingArguments):
-    # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
-    dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
+    # model.precision's rule, which every reading of the folder follows too
+    dtype = precision.of_run(precision_of(args), config.peft.method == "full").load_dtype
     with args.main_process_first(desc="fetching the model"):  # one download or GGUF conversion, then the cache
         tokenizer = models.load_tokenizer(config.model)
         model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id, dtype=dtype)
