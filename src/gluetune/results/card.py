@@ -222,7 +222,7 @@ def _cell(text: str) -> str:
 def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
     config, metrics, training = facts.config, facts.metrics, facts.config.training
     train = metrics.get("train", {})
-    rows = [("base model", f"`{config.model.name_or_path}`")]
+    rows = [("base model", f"`{config.model.name_or_path}`" + _exactly(facts.record.get("model_source") or {}))]
     if config.model.pooling:
         rows.append(("pooling", config.model.pooling))
     if config.model.quantization:
@@ -254,6 +254,17 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
              ("max length", f"{config.dataset.max_length} tokens"),
              ("seed", str(facts.record.get("seed", training.get("seed", "?"))))]
     return rows
+
+
+def _exactly(source: dict) -> str:
+    """Which base exactly (run_record.json's model_source): a hub commit, or a digest of local content."""
+    if source.get("commit"):
+        return f" at commit `{source['commit']}`"
+    if source.get("sha256"):
+        what = "the GGUF file" if source.get("gguf_file") else "its files"
+        version = f", package version {source['package_version']}" if source.get("package_version") else ""
+        return f" (sha256 of {what} `{source['sha256'][:16]}...`{version})"
+    return ""
 
 
 def _precision(metrics: dict) -> str:

@@ -97,7 +97,9 @@ def _finished_run_config(run: Path) -> RunConfig:
     if not rundir.is_finished(run):
         raise UserError(f"--model_path {run}: its run has not finished (no {rundir.METRICS_FILENAME}); "
                         "finish it with `gluetune train ... --resume` first")
-    return load_saved_config(run)
+    config = load_saved_config(run)
+    rundir.pin_recorded_revision(config, run)  # the hub commit the run trained on
+    return config
 
 
 def _check_output_dir(output_dir: Path, run: Path) -> None:

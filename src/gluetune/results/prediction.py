@@ -38,7 +38,9 @@ def saved_config(folder: str | Path, overrides: list[str] | None = None) -> RunC
         raise UserError(f"model folder not found: {folder}")
     for candidate in (folder, folder.parent):
         if (candidate / CONFIG_FILENAME).is_file():
-            return load_saved_config(candidate, overrides)
+            config = load_saved_config(candidate, overrides)
+            rundir.pin_recorded_revision(config, candidate)  # the hub commit the run trained on
+            return config
     return None
 
 

@@ -108,6 +108,18 @@ def read_record(folder: Path) -> dict:
         return {}
 
 
+def pin_recorded_revision(config, folder: Path) -> None:
+    """Read the run in `folder` back from the hub commit its base model resolved to (run_record.json's
+    `model_source`), where the config names that model with the revision it was recorded with (a
+    `--set` of another model or revision wins): with `revision: null` the hub's main may have moved
+    on since. Nothing for a local or `pkg:` base, or a run recorded before commits were."""
+    source = read_record(folder).get("model_source") or {}
+    model = config.model
+    if source.get("commit") and (source.get("name_or_path"), source.get("revision")) == (model.name_or_path,
+                                                                                          model.revision):
+        model.revision = source["commit"]
+
+
 def trained_precision(folder: Path) -> str | None:
     """The precision (bf16, fp16, fp32) the run in `folder`, or the run a checkpoint-N folder belongs
     to, trained in: from metrics.json, else from its run record; None for a folder gluetune did not write."""

@@ -125,12 +125,13 @@ def command_line(argv: list[str] | None = None) -> list[str]:
 
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
                  batch: dict[str, int], precision: str, quantization: str | None = None,
-                 optimizer: str | None = None) -> None:
+                 optimizer: str | None = None, model_source: dict | None = None, hub_data: dict | None = None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
     (the resolved config sits beside it), what a step holds (per device, accumulation, processes),
-    the precision it trains in on this machine, the base's quantization in words and the optimizer
-    that runs (the config's, or what this machine put in its place: training.optimizers). A resumed
-    run appends its command."""
+    the precision it trains in on this machine, the base's quantization in words, the optimizer
+    that runs (the config's, or what this machine put in its place: training.optimizers), the base
+    model exactly (`model_source`: a hub commit or a content hash, model.provenance) and a hub
+    dataset's commit and fingerprints (`hub_data`). A resumed run appends its command."""
     import platform
     import time
 
@@ -151,7 +152,9 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "packages": versions,
         "quantization": quantization,
         "optimizer": optimizer,
+        "model_source": previous.get("model_source", model_source),  # a resumed run loads what its start recorded
         "data_files": {str(p): sha256_of(p) for p in data_files if Path(p).is_file()},
+        "hub_data": hub_data,
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
     })
 

@@ -7,6 +7,7 @@ writes files; the others wait for it where they must and take every decision wit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -21,12 +22,12 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .. import methods
 from ..config import quantization
 from ..config.run import RunConfig, check_same_settings, save_config
-from ..data.loading import load_splits, source_files
+from ..data.loading import hub_source, load_splits, source_files
 from ..data.tokenizing import tokenize
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_write_json, atomic_write_text
 from ..model import classifier as models
-from ..model import precision
+from ..model import precision, provenance
 from ..model.precision import cpu_bf16
 from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
@@ -104,7 +105,7 @@ def _prepare_folder(config: RunConfig, lock: outputdir.OutputDirLock,
 def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None, callbacks: list) -> TrainOutcome:
     started = time.time()
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
-    tokenizer, model = _load_model(config, args)
+    tokenizer, model = _load_model(_as_started(config, checkpoint), args)
     raw, encoded = _load_data(config, args, tokenizer, model)
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
     evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
@@ -116,7 +117,8 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
         outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
                                precision_of(args),
                                quantization.describe(config.model.quantization) if config.model.quantization else None,
-                               optimizer=optimizer_name(args))
+                               optimizer=optimizer_name(args), model_source=provenance.model_source(config.model),
+                               hub_data=hub_source(config, raw))
         logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
@@ -139,6 +141,16 @@ def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | Non
         _write_outputs(config, trainer, tokenizer, evals, predictions, summary, board)
     distributed.wait_for_everyone()
     return TrainOutcome(metrics=summary, model=trainer.model, tokenizer=tokenizer, predictions=predictions)
+
+
+def _as_started(config: RunConfig, checkpoint: Path | None) -> RunConfig:
+    """For a resumed run, the config with the hub commit its start recorded (rundir.pin_recorded_revision):
+    the branch may have moved since. The config saved in the folder stays as the user wrote it."""
+    if checkpoint is None:
+        return config
+    pinned = dataclasses.replace(config, model=dataclasses.replace(config.model))
+    rundir.pin_recorded_revision(pinned, config.output_dir)
+    return pinned
 
 
 def _load_model(config: RunConfig, args: TrainingArguments):
