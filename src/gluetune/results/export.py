@@ -111,7 +111,7 @@ def _check_output_dir(output_dir: Path, run: Path) -> None:
 
 def _run_autocast(run: Path, config: RunConfig) -> str | None:
     """The autocast the run evaluated under (bf16, fp16), which its export runs under too; None for fp32."""
-    trained_in = rundir.trained_precision(run) or ("bf16" if config.training.get("bf16") else "fp32")
+    trained_in = rundir.evaluated_in(run, config)
     return trained_in if trained_in in ("bf16", "fp16") else None
 
 

@@ -86,8 +86,7 @@ class Classifier:
         tokenizer = load_tokenizer(config.model, path=str(folder) if has_tokenizer else None)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # As the run evaluated itself: its precision and autocast (model.precision), where this machine has them.
-        trained_in = rundir.trained_precision(folder) or ("bf16" if config.training.get("bf16") else "fp32")
-        precision = for_reading(trained_in, config.peft.method == "full")
+        precision = for_reading(rundir.evaluated_in(folder, config), config.peft.method == "full")
         model = load_trained(config, folder, tokenizer.pad_token_id, precision)  # a quantized base loads as trained
         if not config.model.quantization:  # a quantized one is placed as it loads
             model.to(device)

@@ -133,6 +133,12 @@ def trained_precision(folder: Path) -> str | None:
     return None
 
 
+def evaluated_in(folder: Path, config) -> str:
+    """The precision the run in `folder` trained and evaluated in (model.precision reads it back the
+    same way): as recorded, else (a folder gluetune did not write) the one its config asks for."""
+    return trained_precision(folder) or ("bf16" if config.training.get("bf16") else "fp32")
+
+
 def read_metrics(folder: Path) -> dict:
     path = Path(folder) / METRICS_FILENAME
     try:
