@@ -28,8 +28,6 @@ import torch
 
 logger = logging.getLogger("gluetune")
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-
 
 def cpu_bf16() -> str | None:
     """The instructions this CPU computes bf16 with (AVX512-BF16, AMX), by torch's own query; None
