@@ -156,10 +156,10 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
     if epochs is not None:
         overrides.append(f"training.num_train_epochs={epochs}")
     config = load_config(CONFIG, overrides)
-    if config.training.get("cpu_heap_limit", True):  # what `gluetune train` does on a CPU (cli.run_train)
-        from gluetune.training.speed.cpu import limit_cpu_heap_growth
+    if config.training.get("cpu_mmap_threshold", True):  # what `gluetune train` does on a CPU (cli.run_train)
+        from gluetune.training.speed.cpu import lower_cpu_mmap_threshold
 
-        limit_cpu_heap_growth()
+        lower_cpu_mmap_threshold()
     outcome = train(config)
     metrics = outcome.metrics
     epochs_run = metrics["train"]["epochs"]

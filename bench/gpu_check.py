@@ -82,7 +82,7 @@ def build_run(args, folder: Path, cuda: bool):
 
     from gluetune.config.run import load_config
     from gluetune.training import run
-    from gluetune.training.machine import training_arguments
+    from gluetune.training.training_args import training_arguments
 
     model = folder / "model"
     build_random_model(Path(args.model_config), Path(args.tokenizer), model, smoke=args.smoke, layers=args.layers)

@@ -147,7 +147,7 @@ def tiny_training_pieces(config):
     from gluetune.data.loading import load_splits
     from gluetune.data.tokenizing import tokenize
     from gluetune.model import classifier as models
-    from gluetune.training.machine import training_arguments
+    from gluetune.training.training_args import training_arguments
 
     args = training_arguments(config, quiet=True)
     torch.manual_seed(0)

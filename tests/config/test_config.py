@@ -159,6 +159,13 @@ def test_bad_override_syntax(capsys):
     assert "did you mean 'learning_rate'" in line
 
 
+def test_a_renamed_key_is_read_under_its_new_name():
+    config = load_config(REFERENCE_CONFIG, ["training.cpu_heap_limit=false"])  # the earlier name of cpu_mmap_threshold
+    assert config.training["cpu_mmap_threshold"] is False and "cpu_heap_limit" not in config.training
+    with pytest.raises(UserError, match="earlier name of training.cpu_mmap_threshold"):
+        load_config(REFERENCE_CONFIG, ["training.cpu_heap_limit=false", "training.cpu_mmap_threshold=true"])
+
+
 def test_output_dir_override_moves_the_logs_too():
     config = load_config(REFERENCE_CONFIG, ["training.output_dir=/tmp/elsewhere"])
     assert config.training["logging_dir"] == "/tmp/elsewhere/logs"

@@ -139,6 +139,58 @@ def test_decoder_pairs_get_the_separator(qwen_tokenizer):
     assert qwen_tokenizer.decode(enc["input_ids"][0]) == "A cat sat.\nA cat was sitting."
 
 
+RTE = get_task("rte")
+
+
+@pytest.fixture(scope="module")
+def long_rte_pairs():
+    """Real RTE training pairs (premise, hypothesis) of 141, 259 and 295 tokens joined (Qwen2.5's tokenizer)."""
+    train = read_glue_split(GLUE_DIR, RTE, "train")
+    return [(train["sentence1"][i], train["sentence2"][i]) for i in (20, 1134, 1675)]
+
+
+def test_an_overlong_decoder_pair_keeps_its_hypothesis(qwen_tokenizer, long_rte_pairs, tiny_qwen):
+    """A decoder's head reads the last token: an over-long pair is cut in its premise, the separator and
+    the hypothesis kept whole, in training (tokenize) as in predict (what the model is given)."""
+    import datasets
+    import torch
+
+    from gluetune.model.classifier import load_classifier
+    from gluetune.results.prediction import Classifier
+
+    premise, hypothesis = long_rte_pairs[0]
+    assert len(qwen_tokenizer(premise + "\n" + hypothesis)["input_ids"]) == 141
+    enc, truncated = encode_texts(qwen_tokenizer, [(premise, hypothesis)], 128)
+    ids = enc["input_ids"][0]
+    assert truncated == 1 and len(ids) == 128
+    assert qwen_tokenizer.decode(ids).endswith("\n" + hypothesis)  # the separator and all of the hypothesis
+    assert qwen_tokenizer.decode(ids).startswith(premise[:200])  # the premise cut at its end
+
+    rows = datasets.Dataset.from_dict({"sentence1": [premise], "sentence2": [hypothesis], "label": [0], "idx": [0]})
+    assert tokenize(rows, qwen_tokenizer, RTE, 128, "train", cache=False)["input_ids"][0] == ids
+
+    config = load_config(REFERENCE_CONFIG, [f"model.name_or_path={tiny_qwen}", "dataset.subset=rte", "dataset.text_column=null",
+                                            "dataset.max_length=128"])
+    model = load_classifier(config.model, config.task, qwen_tokenizer.pad_token_id)
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, output: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    Classifier(model, qwen_tokenizer, config).logits([(premise, hypothesis)])
+    assert torch.equal(seen[0][0], torch.tensor(ids))
+
+
+def test_pairs_too_long_on_both_sides_are_cut_longest_first(qwen_tokenizer, long_rte_pairs):
+    """Both halves long: the longer loses tokens until they are even, as the encoders' pair truncation
+    (longest_first) cuts; the separator stays between them."""
+    premise = hypothesis = " ".join(["word"] * 100)  # 100 tokens each
+    enc, _ = encode_texts(qwen_tokenizer, [(premise + " more" * 40, hypothesis)], 101)
+    first, second = qwen_tokenizer.decode(enc["input_ids"][0]).split("\n")
+    assert len(enc["input_ids"][0]) == 101 and first == second == " ".join(["word"] * 50)
+    for premise, hypothesis in long_rte_pairs[1:]:  # 259 and 295 tokens: over the default max_length
+        enc, truncated = encode_texts(qwen_tokenizer, [(premise, hypothesis)], 256)
+        assert truncated == 1 and len(enc["input_ids"][0]) == 256
+        assert qwen_tokenizer.decode(enc["input_ids"][0]).endswith("\n" + hypothesis)
+
+
 def test_dynamic_padding_pads_to_the_longest_in_batch(qwen_tokenizer, cola):
     from transformers import DataCollatorWithPadding
 

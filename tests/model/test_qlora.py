@@ -250,6 +250,20 @@ def test_predict_and_inference_py_load_the_4bit_base(qlora_run):
     assert "label=" in result.stdout and "probability=" in result.stdout
 
 
+def test_a_4bit_base_counts_as_many_parameters_as_the_full_precision_one(tiny_qwen, qlora_run):
+    """bitsandbytes packs two 4-bit weights a byte (a Params4bit's numel() is half the weight's): the
+    counts in metrics.json, and so the card's trainable share, are the full-precision model's, as
+    peft's get_nb_trainable_parameters counts them."""
+    config = qlora_config(tiny_qwen, qlora_run.parent / "unused", "peft.lora_r=128")
+    tokenizer = models.load_tokenizer(config.model)
+    quantized = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    config.model.quantization = None
+    full = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
+    assert models.count_parameters(quantized) == models.count_parameters(full) == quantized.get_nb_trainable_parameters()
+    metrics = json.loads((qlora_run / "metrics.json").read_text())
+    assert (metrics["trainable_parameters"], metrics["total_parameters"]) == models.count_parameters(full)
+
+
 def test_card_and_record_name_the_quantization(qlora_run):
     record = json.loads((qlora_run / "run_record.json").read_text())
     assert record["quantization"] == "4-bit NF4 base (bitsandbytes), double quantization"

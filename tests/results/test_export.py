@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import CPU_CONFIG, GLUE_DIR, REFERENCE_CONFIG, ROOT, tiny_overrides
 
-from gluetune.config.run import load_config
+from gluetune.config.run import load_config, load_saved_config
 from gluetune.config.tasks import get_task
 from gluetune.data.loading import read_glue_split
 from gluetune.data.tokenizing import encode_texts
@@ -176,7 +176,18 @@ def test_decoder_pair_export_encodes_pairs_as_gluetune_does(qwen_mrpc_full):
     assert [exported(a, b)["input_ids"] for a, b in pairs] == gluetune_ids
     # What the test guards against: the stock pair encoding (no newline, and no ".\n" merge) differs.
     assert stock(first, second)["input_ids"] != gluetune_ids
-    assert_predicts_like_gluetune(run, export, pairs[:12], trust_remote_code=True)
+    # Real RTE pairs over the run's max_length: cut as gluetune cuts them, the hypothesis kept
+    rte = read_glue_split(GLUE_DIR, get_task("rte"), "train")
+    long_pairs = [(rte["sentence1"][i], rte["sentence2"][i]) for i in (1134, 1675)]  # 259 and 295 tokens
+    max_length = load_saved_config(run).dataset.max_length
+    assert exported.model_max_length == max_length < 259
+    cut = encode_texts(stock, long_pairs, max_length=max_length)[0]
+    first, second = map(list, zip(*long_pairs))
+    assert exported(first, second, truncation=True)["input_ids"] == cut["input_ids"]
+    padded = exported(first, second, truncation=True, padding=True, return_tensors="pt")
+    assert padded["input_ids"].shape == (2, max_length) and padded["attention_mask"].tolist() == cut["attention_mask"]
+    assert exported(*long_pairs[0], truncation=True)["input_ids"] == cut["input_ids"][0]
+    assert_predicts_like_gluetune(run, export, pairs[:12] + long_pairs, trust_remote_code=True)
 
 
 def test_full_run_exports_its_saved_weights_as_they_are(qwen_mrpc_full):

@@ -12,8 +12,8 @@ from conftest import REFERENCE_CONFIG, UNEVEN_SIZE, assert_same_training, tiny_o
 
 from gluetune.config.run import load_config
 from gluetune.errors import UserError
-from gluetune.training import machine
 from gluetune.training import run as training
+from gluetune.training import training_args
 from gluetune.training.speed import cudagraphs, fastpath
 from gluetune.training.trainer import GluetuneTrainer
 
@@ -50,7 +50,7 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
     """Through the Trainer's whole loop (zero_grad(set_to_none), clipping, fused schedule, evaluation):
     every step runs from the static buffers and gradient buffers, and the run ends as a plain one."""
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
-    monkeypatch.setattr(machine, "check_cuda_graphs", lambda config, args: None)  # this machine has no CUDA
+    monkeypatch.setattr(training_args, "check_cuda_graphs", lambda config, args: None)  # this machine has no CUDA
     captured, shapes, trainers = [], [], []
     real_use_graphs = cudagraphs.use_graphs
 
@@ -144,13 +144,13 @@ def test_cuda_graphs_refuse_what_a_captured_step_cannot_serve(monkeypatch, chang
     which a replay skips), and optimizers that update inside the backward pass."""
     from transformers.training_args import OptimizerNames
 
-    monkeypatch.setattr(machine, "cuda_available", lambda: True)
+    monkeypatch.setattr(training_args, "cuda_available", lambda: True)
     config = load_config(REFERENCE_CONFIG, ["training.fast_path=true", "training.cuda_graphs=true"])
-    machine.check_cuda_graphs(config, SimpleNamespace(**ONE_GPU))  # one GPU, the fused AdamW: fine
+    training_args.check_cuda_graphs(config, SimpleNamespace(**ONE_GPU))  # one GPU, the fused AdamW: fine
     if "optim" in change:
         change = {"optim": OptimizerNames(change["optim"])}  # as TrainingArguments holds it
     with pytest.raises(UserError) as caught:
-        machine.check_cuda_graphs(config, SimpleNamespace(**{**ONE_GPU, **change}))
+        training_args.check_cuda_graphs(config, SimpleNamespace(**{**ONE_GPU, **change}))
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{config.source}: training.cuda_graphs: "), message
     assert all(fragment in message for fragment in fragments), message

@@ -164,7 +164,7 @@ def test_the_rehearsal_changes_no_weight_gradient_random_stream_or_step(tiny_qwe
     weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
     random_state = torch.get_rng_state()
     train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, [train_set.sort("length")])
-    assert fastpath.rehearse(trainer, train_batches, eval_batches, fastpath.repeated_layers(model))  # eager layers here
+    assert fastpath.rehearse(trainer, train_batches, eval_batches, fastpath.compile_regions(model))  # eager layers here
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), random_state)  # dropout drew from it, and it was put back
     assert all(p.grad is None for p in model.parameters())
@@ -266,9 +266,9 @@ def test_the_layers_share_the_graphs_the_plan_counts(tiny_qwen_4_layers, tmp_pat
     copies into the model's config) made a graph per layer, 28 per shape for Qwen2.5-1.5B, past the
     limits. Under bf16 mixed precision (forced on: a CPU without AVX512-BF16 would run fp32) the rehearsal
     runs in the autocast accelerate gives the steps (dynamo guards on the autocast state too)."""
-    from gluetune.training import machine
+    from gluetune.training import training_args
 
-    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    monkeypatch.setattr(training_args, "native_bf16", lambda: True)
     started, plans, after_rehearsal = graphs_compiled(), [], []
     real_rehearse = fastpath.rehearse
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from gluetune.files import installed_version
-from gluetune.training.machine import accelerator_settings
-from gluetune.training.speed.cpu import FastCpuDropout, limit_cpu_heap_growth, use_fast_cpu_dropout
+from gluetune.training.speed.cpu import FastCpuDropout, lower_cpu_mmap_threshold, use_fast_cpu_dropout
+from gluetune.training.training_args import accelerator_settings
 
 
 def test_fast_dropout_keeps_one_minus_p_and_scales_like_dropout():
@@ -43,8 +43,8 @@ def test_swap_replaces_plain_dropout_only():
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_heap_limit_applies_on_glibc():
-    assert limit_cpu_heap_growth() is True
+def test_the_mmap_threshold_applies_on_glibc():
+    assert lower_cpu_mmap_threshold() is True
 
 
 def test_accelerators_fall_back_with_a_notice_without_cuda():

@@ -14,8 +14,8 @@ from gluetune.config.run import load_config
 from gluetune.config.tasks import get_task
 from gluetune.data.loading import read_glue_split
 from gluetune.results.prediction import Classifier
-from gluetune.training.machine import cpu_bf16
 from gluetune.training.run import train
+from gluetune.training.training_args import cpu_bf16
 
 
 def scalar_tags(log_dir) -> set[str]:
@@ -60,6 +60,16 @@ def test_cli_run_writes_the_promised_outputs(cli_run):
     assert json.loads((out / "run_record.json").read_text())["precision"] == metrics["precision"]
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert resolved["training"]["bf16"] is True and resolved["dataset"]["max_train_samples"] == 96
+
+
+def test_the_run_records_how_this_cpu_computes_bf16(finished_tiny_run):
+    """bf16 kernels differ by CPU (AVX512-BF16 alone, or AMX): the same run's figures differ a little
+    between them, so the folder says which this one had, beside the precision."""
+    metrics = json.loads((finished_tiny_run / "metrics.json").read_text())
+    record = json.loads((finished_tiny_run / "run_record.json").read_text())
+    assert "cpu_bf16" in metrics and metrics["cpu_bf16"] == record["cpu_bf16"] == cpu_bf16()
+    if metrics["precision"] == "bf16" and metrics["device"] == "cpu":
+        assert f"| precision | bf16 (CPU autocast, {cpu_bf16()}) |" in (finished_tiny_run / "README.md").read_text()
 
 
 def test_cli_run_logs_to_tensorboard(cli_run):
@@ -158,6 +168,27 @@ def test_reloaded_folder_predicts_what_training_ended_with(tiny_qwen, tmp_path):
     assert not np.allclose(reloaded[:, 0], reloaded[:, 1])
 
 
+def test_a_folder_read_back_builds_no_kv_cache(finished_tiny_run, tmp_path):
+    """A classifier never generates: the Trainer turns the decoder's KV cache off for training and its
+    evaluations (config.use_cache = args.use_cache), and so must everything that reads a folder back
+    (predict, evaluate, the export), without changing a prediction."""
+    from gluetune.results.export import export_folder
+
+    classifier = Classifier.from_folder(finished_tiny_run)
+    decoder = classifier.model.get_base_model().base_model  # Qwen2Model, under the head
+    caches = []
+    decoder.register_forward_hook(lambda module, args, output: caches.append(output.cache))
+    texts = [(s,) for s in read_glue_split(GLUE_DIR, get_task("cola"), "validation")["sentence"][:8]]
+    without = classifier.logits(texts)
+    assert caches and all(cache is None for cache in caches)
+    decoder.config.use_cache = True
+    np.testing.assert_array_equal(classifier.logits(texts), without)  # the cache changed nothing but the work
+    assert caches[-1] is not None
+
+    export = export_folder(finished_tiny_run, tmp_path / "export")
+    assert json.loads((export / "config.json").read_text())["use_cache"] is False
+
+
 def test_gradient_checkpointing_trains_with_lora(tiny_qwen, tmp_path):
     """With checkpointed blocks the LoRA weights must still get gradients (lora_B starts at zero and
     moves only if they do), and train as without checkpointing."""
@@ -208,7 +239,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_in(tiny_qwen, tmp_path, mo
     from transformers import TrainerCallback
 
     from gluetune.errors import RunInterrupted
-    from gluetune.training import machine
+    from gluetune.training import training_args
 
     class StopAfterFirstSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -217,11 +248,11 @@ def test_a_resumed_run_keeps_the_precision_it_started_in(tiny_qwen, tmp_path, mo
 
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_qwen, out, train=64, evals=16, epochs=2, fp32=False)
-    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    monkeypatch.setattr(training_args, "native_bf16", lambda: False)
     with pytest.raises(RunInterrupted):
         train(load_config(REFERENCE_CONFIG, overrides), callbacks=[StopAfterFirstSave()])
     assert json.loads((out / "run_record.json").read_text())["precision"] == "fp32"
-    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    monkeypatch.setattr(training_args, "native_bf16", lambda: True)
     config = load_config(REFERENCE_CONFIG, overrides)
     config.control.resume = "auto"
     with caplog.at_level("INFO", logger="gluetune"):

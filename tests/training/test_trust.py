@@ -25,7 +25,7 @@ from conftest import (
 
 from gluetune.config.run import load_config
 from gluetune.errors import UserError
-from gluetune.training import machine
+from gluetune.training import training_args
 from gluetune.training.run import train
 from gluetune.training.speed import fastpath
 
@@ -150,7 +150,7 @@ def test_label_smoothing_is_applied_to_the_step_loss(tiny_qwen, tmp_path):
         "training.save_strategy=no", "training.load_best_model_at_end=false"])
     tokenizer = models.load_tokenizer(config.model)
     model = models.make_trainable(models.load_classifier(config.model, config.task, tokenizer.pad_token_id), config)
-    trainer = GluetuneTrainer(model=model, args=machine.training_arguments(config, quiet=True))
+    trainer = GluetuneTrainer(model=model, args=training_args.training_arguments(config, quiet=True))
     inputs = dict(tokenizer(["One.", "Two words here."], padding=True, return_tensors="pt"), labels=torch.tensor([0, 1]))
     with torch.no_grad():
         logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
@@ -206,18 +206,18 @@ def test_bf16_falls_back_to_fp16_where_the_gpu_only_emulates_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    settings, notices = machine.precision_settings({"bf16": True})
+    settings, notices = training_args.precision_settings({"bf16": True})
     assert settings == {"bf16": False, "fp16": True}
     assert len(notices) == 1 and "Tesla T4" in notices[0] and "fp16" in notices[0]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert machine.precision_settings({"bf16": True}) == ({}, [])
+    assert training_args.precision_settings({"bf16": True}) == ({}, [])
 
 
 def test_report_to_is_obeyed():
-    assert machine.reporting(["none"]) == ("none", False)
-    assert machine.reporting(["tensorboard"]) == ("none", True)
-    assert machine.reporting(["tensorboard", "wandb"]) == (["wandb"], True)
-    others, tensorboard = machine.reporting(["all"])
+    assert training_args.reporting(["none"]) == ("none", False)
+    assert training_args.reporting(["tensorboard"]) == ("none", True)
+    assert training_args.reporting(["tensorboard", "wandb"]) == (["wandb"], True)
+    others, tensorboard = training_args.reporting(["all"])
     assert tensorboard and "tensorboard" not in (others if isinstance(others, list) else [])
 
 
@@ -233,7 +233,7 @@ def test_the_library_changes_no_process_wide_settings(tiny_qwen, tmp_path, monke
     def forbidden(*args, **kwargs):
         raise AssertionError("train() changed the process's malloc settings")
 
-    monkeypatch.setattr(speedups, "limit_cpu_heap_growth", forbidden)
+    monkeypatch.setattr(speedups, "lower_cpu_mmap_threshold", forbidden)
     train(load_config(REFERENCE_CONFIG, tiny_overrides(tiny_qwen, tmp_path / "lib", train=32, evals=16)))
 
 

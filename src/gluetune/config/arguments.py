@@ -23,7 +23,7 @@ GLUETUNE_KEYS: dict[str, Any] = {
     "logging_dir": str | None,  # TensorBoard event files; default <output_dir>/logs
     "warmup_ratio": float | None,  # v5 takes a fraction < 1 as `warmup_steps`
     "fast_cpu_dropout": bool,  # speedups.FastCpuDropout when training on a CPU (default true)
-    "cpu_heap_limit": bool,  # speedups.limit_cpu_heap_growth, by the command line on a CPU (default true)
+    "cpu_mmap_threshold": bool,  # speed.cpu.lower_cpu_mmap_threshold, by the command line on a CPU (default true)
     "length_group_batches": int | None,  # optimizer steps per length-sorted group (sampling.LengthGroupedBatches)
     "fast_path": bool,  # fastpath: one micro-batch per step, padded length buckets, compiled layers (default false)
     "cuda_graphs": bool,  # cudagraphs: the fast path's steps as captured CUDA graphs (default false; unproven)
@@ -32,6 +32,8 @@ GLUETUNE_KEYS: dict[str, Any] = {
 # Run control: how this command treats the output folder, not what the run is. Kept out of the
 # saved config, so re-running a run from its own resolved_config.yaml never deletes or resumes it.
 RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir")
+# Earlier names of gluetune's keys, still read (configs and saved runs that use them): old -> new.
+RENAMED_KEYS = {"cpu_heap_limit": "cpu_mmap_threshold"}
 # Metrics where lower is better; every other metric gluetune reports is higher-is-better.
 LOWER_IS_BETTER = ("loss", "mse")
 # The fast path's default evaluation batch: its padded buckets make large batches cheap. An explicit
@@ -63,6 +65,11 @@ def resolve_training(raw: Any, source: str, task: Task, config_stem: str) -> dic
     if not isinstance(raw, dict):
         raise UserError(f"{source}: 'training' must be a mapping of TrainingArguments names to values")
     types_ = {**training_argument_types(), **GLUETUNE_KEYS}
+    for old, new in RENAMED_KEYS.items():
+        if old in raw:
+            if new in raw:
+                raise UserError(f"{source}: training.{old} is the earlier name of training.{new}; give only {new}")
+            raw[new] = raw.pop(old)
     for key, value in raw.items():
         if key not in types_:
             raise UserError(

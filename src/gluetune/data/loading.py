@@ -43,6 +43,26 @@ def source_files(config: RunConfig, splits: list[str]) -> list[Path]:
     return []
 
 
+def hub_source(config: RunConfig, loaded: dict) -> dict | None:
+    """What a run read from a hub dataset, for its record: name, subset, the commit of the dataset's
+    repository where it can be told (None offline with nothing cached), and each split's `datasets`
+    fingerprint (a digest of what was read); None for local files (their hashes are recorded instead)."""
+    dataset = config.dataset
+    if any((dataset.train_file, dataset.validation_file, dataset.test_file)) or glue_dir(dataset):
+        return None  # as load_splits decides
+    return {"name": dataset.name, "subset": config.task.hub_subset, "commit": _hub_dataset_commit(dataset.name),
+            "fingerprints": {split: getattr(ds, "_fingerprint", None) for split, ds in loaded.items()}}
+
+
+def _hub_dataset_commit(name: str) -> str | None:
+    try:
+        from huggingface_hub import HfApi, constants
+
+        return HfApi().resolve_revision(name, repo_type="dataset", local_files_only=constants.HF_HUB_OFFLINE).resolved
+    except Exception:  # noqa: BLE001 - unreachable, unknown or uncached: recorded as unknown
+        return None
+
+
 def load_splits(config: RunConfig, splits: list[str]):
     """The named splits as `datasets.Dataset`s, checked and limited by max_*_samples."""
     dataset, task = config.dataset, config.task

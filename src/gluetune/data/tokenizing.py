@@ -22,20 +22,79 @@ def is_pair_template_tokenizer(tokenizer) -> bool:
 
 
 def encode_texts(tokenizer, texts: list[tuple[str, ...]], max_length: int) -> tuple[dict[str, list], int]:
-    """Token ids for single texts or pairs, truncated to max_length; also how many were truncated."""
+    """Token ids for single texts or pairs, truncated to max_length; also how many were truncated.
+
+    A decoder's pair is one text (first + PAIR_SEPARATOR + second), encoded whole; one too long is cut
+    as the encoders' pairs are (longest first), its separator kept: cut from the right, it would lose
+    the second text, and the head reads the last token (`join_and_cut`)."""
     columns = list(zip(*texts)) if texts else [[]]
-    if len(columns) == 2 and not is_pair_template_tokenizer(tokenizer):
-        columns = [[a + PAIR_SEPARATOR + b for a, b in zip(*columns)]]
-    args = [list(c) for c in columns]
+    joined = len(columns) == 2 and not is_pair_template_tokenizer(tokenizer)
+    args = [[a + PAIR_SEPARATOR + b for a, b in zip(*columns)]] if joined else [list(c) for c in columns]
     full = tokenizer(*args, truncation=False)
     long_rows = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
-    if long_rows:
+    if long_rows and joined:
+        for i in long_rows:
+            kept = join_and_cut(tokenizer, columns[0][i], columns[1][i], max_length)
+            for key in full:
+                full[key][i] = [full[key][i][k] for k in kept]
+    elif long_rows:
         # Only the few over-long rows are encoded again, with truncation.
         cut = tokenizer(*[[c[i] for i in long_rows] for c in args], truncation=True, max_length=max_length)
         for key in full:
             for j, i in enumerate(long_rows):
                 full[key][i] = cut[key][j]
     return dict(full), len(long_rows)
+
+
+def join_and_cut(tokenizer, first: str, second: str, max_length: int) -> list[int]:
+    """Which tokens of the joined pair `first + PAIR_SEPARATOR + second` (encoded whole) to keep so that
+    at most `max_length` remain (`pair_tokens_to_keep`); the export's tokenizer cuts alike."""
+    enc = tokenizer(first + PAIR_SEPARATOR + second, return_offsets_mapping=True, return_special_tokens_mask=True)
+    return pair_tokens_to_keep(enc["offset_mapping"], enc["special_tokens_mask"], len(first), len(PAIR_SEPARATOR),
+                               max_length)
+
+
+def pair_tokens_to_keep(offsets, special, first_chars: int, separator_chars: int, max_length: int) -> list[int]:
+    """The positions to keep of a pair encoded as one text (its tokens' character `offsets` and
+    `special` mask; the first text's length and the separator's, in characters), at most `max_length`.
+
+    Each token belongs to the first text (it ends before the separator), to the second (it starts
+    after it), or to the separator (it overlaps it, e.g. Qwen's ".\n"). Special tokens and the
+    separator stay; the texts lose tokens from their ends as transformers' `longest_first` pair
+    truncation removes them (the longer text first, then both alike), so a short second text is kept
+    whole. Without room even for the special tokens and the separator: the first `max_length` tokens.
+    (Shipped as is in exports that join pairs: results.export.)
+    """
+    sides = []
+    for (start, end), is_special in zip(offsets, special):
+        if is_special:
+            sides.append("keep")
+        elif end <= first_chars:
+            sides.append("first")
+        elif start >= first_chars + separator_chars:
+            sides.append("second")
+        else:
+            sides.append("keep")
+    first, second = sides.count("first"), sides.count("second")
+    room = max_length - sides.count("keep")
+    if room < 0:
+        return list(range(min(max_length, len(sides))))
+    excess = max(0, first + second - room)
+    uneven = min(excess, abs(first - second))  # the longer one's lead goes first
+    even = excess - uneven  # then both, the first losing the smaller half
+    if first > second:
+        first_cut, second_cut = uneven + even // 2, even - even // 2
+    else:
+        first_cut, second_cut = even // 2, uneven + even - even // 2
+    keep = {"first": first - first_cut, "second": second - second_cut}
+    kept, seen = [], {"first": 0, "second": 0}
+    for position, side in enumerate(sides):
+        if side != "keep":
+            seen[side] += 1
+            if seen[side] > keep[side]:
+                continue
+        kept.append(position)
+    return kept
 
 
 def tokenize(ds, tokenizer, task: Task, max_length: int, split: str, cache: bool = True):
@@ -131,7 +190,7 @@ def tokenization_cache(clear: bool = False) -> tuple[Path, int, int]:
     return root, len(entries), size
 
 
-_ENCODING_VERSION = "1"  # bump when encode_texts changes what it produces
+_ENCODING_VERSION = "2"  # bump when encode_texts changes what it produces (2: decoder pairs cut longest first)
 
 
 def _store_in_cache(out, folder: Path, truncated: int):

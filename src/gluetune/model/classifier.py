@@ -12,6 +12,7 @@ from ..config.tasks import Task
 from ..errors import UserError, did_you_mean, one_line
 from ..files import is_local_path
 from . import quantization, sources
+from .precision import Precision, hold_trained_weights_in_fp32
 
 logger = logging.getLogger("gluetune")
 
@@ -94,6 +95,12 @@ def load_classifier(model: ModelConfig, task: Task, pad_token_id: int, path: str
         raise UserError(f"model '{model.name_or_path}': {one_line(err)}") from None
     if model.quantization:
         quantization.keep_weights_unpacked(classifier)
+    if getattr(classifier.config, "use_cache", False):
+        # A classifier never generates: with the cache on (Qwen2.5's and SmolLM2's config.json), every
+        # decoder forward would build a DynamicCache and copy each layer's keys and values into it. The
+        # Trainer turns it off for training (config.use_cache = args.use_cache); predict, evaluate and the
+        # export's config.json get it off from here.
+        classifier.config.use_cache = False
     if model.pooling == "mean":
         use_mean_pooling(classifier, model.name_or_path)
     return classifier
@@ -181,10 +188,27 @@ def make_trainable(model, config: RunConfig):
     return model
 
 
+def load_trained(config: RunConfig, folder, pad_token_id: int, precision: Precision):
+    """The trained model of a run folder in eval mode, its weights held as its training held them
+    (model.precision): the base in `precision.load_dtype`, on a quantized base every weight
+    bitsandbytes does not quantize in fp32 (the same preparation as training's), what trained in fp32."""
+
+    def load_base(path):
+        base = load_classifier(config.model, config.task, pad_token_id, path=path, dtype=precision.load_dtype)
+        return quantization.prepare_for_training(base) if getattr(base, "is_quantized", False) else base
+
+    model = methods.load(config.peft, load_base, folder)
+    hold_trained_weights_in_fp32(model)
+    return model.eval()
+
+
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, all) parameters, counted as peft counts them: a 4-bit weight (bitsandbytes'
+    Params4bit, two values a byte) counts its values, not its bytes. peft's method reads only
+    `named_parameters()`, so it counts a plain model (full fine-tuning) as well as a PeftModel."""
+    from peft import PeftModel
+
+    return PeftModel.get_nb_trainable_parameters(model)
 
 
 def describe_parameters(model) -> str:

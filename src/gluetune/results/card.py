@@ -142,7 +142,9 @@ def _overview(facts: RunFacts, folder: Path, is_export: bool) -> str:
                   + ("the LoRA adapter merged into the base weights, " if facts.is_lora else "")
                   + ("the full-precision ones (it trained over a quantized base), "
                      if config.model.quantization else "")
-                  + f"weights in {_saved_dtype(saved)}.",
+                  + f"weights in {_saved_dtype(saved)}"
+                  + (f", computing under {saved['gluetune_autocast']} autocast as its run did (model.precision)"
+                     if saved.get("gluetune_autocast") else "") + ".",
                   "", "```python", "from transformers import pipeline", "",
                   f'classify = pipeline("text-classification", model="path/to/this/folder"{trust}, truncation=True)',
                   f"classify({_example_input(config)})", "```"]
@@ -220,7 +222,7 @@ def _cell(text: str) -> str:
 def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
     config, metrics, training = facts.config, facts.metrics, facts.config.training
     train = metrics.get("train", {})
-    rows = [("base model", f"`{config.model.name_or_path}`")]
+    rows = [("base model", f"`{config.model.name_or_path}`" + _exactly(facts.record.get("model_source") or {}))]
     if config.model.pooling:
         rows.append(("pooling", config.model.pooling))
     if config.model.quantization:
@@ -248,10 +250,29 @@ def _hyperparameters(facts: RunFacts) -> list[tuple[str, str]]:
              ("optimizer", _optimizer(facts)),
              ("schedule", f"{training.get('lr_scheduler_type', _default('lr_scheduler_type'))}, {_warmup(training)}"),
              ("weight decay", f"{training.get('weight_decay', _default('weight_decay')):g}"),
-             ("precision", str(metrics.get("precision", "?"))),
+             ("precision", _precision(metrics)),
              ("max length", f"{config.dataset.max_length} tokens"),
              ("seed", str(facts.record.get("seed", training.get("seed", "?"))))]
     return rows
+
+
+def _exactly(source: dict) -> str:
+    """Which base exactly (run_record.json's model_source): a hub commit, or a digest of local content."""
+    if source.get("commit"):
+        return f" at commit `{source['commit']}`"
+    if source.get("sha256"):
+        what = "the GGUF file" if source.get("gguf_file") else "its files"
+        version = f", package version {source['package_version']}" if source.get("package_version") else ""
+        return f" (sha256 of {what} `{source['sha256'][:16]}...`{version})"
+    return ""
+
+
+def _precision(metrics: dict) -> str:
+    """bf16 on a CPU names the CPU's bf16 instructions: its kernels, and so the run's figures, differ by them."""
+    precision = str(metrics.get("precision", "?"))
+    if precision == "bf16" and metrics.get("device") == "cpu" and metrics.get("cpu_bf16"):
+        return f"bf16 (CPU autocast, {metrics['cpu_bf16']})"
+    return precision
 
 
 def _optimizer(facts: RunFacts) -> str:

@@ -6,13 +6,21 @@ the pad token, the tokenizer, safetensors weights in the chosen dtype and a mode
 with `AutoModelForSequenceClassification.from_pretrained(folder)` and `pipeline("text-
 classification", model=folder)`, and predicts what `Classifier.from_folder(run)` predicts.
 
-Two things gluetune does are not expressible in a plain transformers folder; the export ships
+Weights are merged in fp32 (the base read in full precision, whatever the run stored it in), then
+cast to the chosen dtype: bf16 rounds the merged weights once, not the adapter's small delta into
+an already rounded base.
+
+Three things gluetune does are not expressible in a plain transformers folder; the export ships
 them as custom code (`modeling_gluetune.py`, loaded with `trust_remote_code=True`), the way the
 hub ships custom heads:
 - `model.pooling: mean` (see `model.classifier.use_mean_pooling`): the head reads the mean of the tokens.
 - pairs for a tokenizer without a pair template (decoders): gluetune encodes `a + "\\n" + b` as
   one text, which no post-processor can reproduce token for token (Qwen's pre-tokenizer merges
-  ".\\n" into one token), so the exported tokenizer joins the pair before encoding.
+  ".\\n" into one token), so the exported tokenizer joins the pair before encoding, and cuts an
+  over-long one as gluetune does (`data.tokenizing.pair_tokens_to_keep`).
+- a run that trained in bf16 (or fp16) evaluated under that autocast, and so does everything that
+  reads its folder (model.precision): the exported model's forward runs under it too
+  (config.json's `gluetune_autocast`), so it predicts what `gluetune predict` does.
 Such a folder gets a model_type of its own, so that loading it without `trust_remote_code`
 fails loudly instead of silently falling back to stock classes that predict differently.
 """
@@ -27,13 +35,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import methods
 from ..config import quantization
 from ..config.run import CONFIG_FILENAME, RunConfig, load_saved_config
-from ..data.tokenizing import PAIR_SEPARATOR, is_pair_template_tokenizer
+from ..data.tokenizing import PAIR_SEPARATOR, is_pair_template_tokenizer, pair_tokens_to_keep
 from ..errors import UserError
 from ..files import atomic_write_json, atomic_write_text
-from ..model.classifier import load_classifier, load_tokenizer, max_model_length, pool_the_mean
+from ..model.classifier import load_tokenizer, load_trained, max_model_length, pool_the_mean
+from ..model.precision import of_run, run_autocast
 from . import card, rundir
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -50,7 +58,8 @@ def export_folder(model_path: str | Path, output_dir: str | Path, dtype: str = "
     _check_output_dir(output_dir, run)
     model, tokenizer = _load_trained(run, config)
     model = _merged(model).to(torch_dtype)
-    remote_code = RemoteCode.needed_by(model, tokenizer, config)
+    model.config.use_cache = False  # a classifier never generates (set at load; merge_and_unload keeps the config)
+    remote_code = RemoteCode.needed_by(model, tokenizer, config, autocast=_run_autocast(run, config))
     # gluetune truncates inputs at this length; `truncation=True` then does the same
     tokenizer.model_max_length = min(config.dataset.max_length, max_model_length(model) or config.dataset.max_length)
 
@@ -88,7 +97,9 @@ def _finished_run_config(run: Path) -> RunConfig:
     if not rundir.is_finished(run):
         raise UserError(f"--model_path {run}: its run has not finished (no {rundir.METRICS_FILENAME}); "
                         "finish it with `gluetune train ... --resume` first")
-    return load_saved_config(run)
+    config = load_saved_config(run)
+    rundir.pin_recorded_revision(config, run)  # the hub commit the run trained on
+    return config
 
 
 def _check_output_dir(output_dir: Path, run: Path) -> None:
@@ -98,13 +109,18 @@ def _check_output_dir(output_dir: Path, run: Path) -> None:
         raise UserError(f"--output_dir {output_dir} is inside the run folder {run}; choose a folder outside it")
 
 
-def _load_trained(run: Path, config: RunConfig):
-    """The run's final model in fp32 on the CPU (whatever device trained it), and its tokenizer.
-    Adapters trained over a quantized base (QLoRA) go onto the full-precision base: the export
-    is a plain model, and merging into 4-bit weights would round the adapters away."""
-    import dataclasses
+def _run_autocast(run: Path, config: RunConfig) -> str | None:
+    """The autocast the run evaluated under (bf16, fp16), which its export runs under too; None for fp32."""
+    trained_in = rundir.evaluated_in(run, config)
+    return trained_in if trained_in in ("bf16", "fp16") else None
 
-    import torch
+
+def _load_trained(run: Path, config: RunConfig):
+    """The run's final model in fp32 on the CPU (whatever device trained it, a bf16 base read in
+    full), and its tokenizer. Adapters trained over a quantized base (QLoRA) go onto the
+    full-precision base: the export is a plain model, and merging into 4-bit weights would round
+    the adapters away."""
+    import dataclasses
 
     if config.model.quantization:
         logger.warning("%s trained its adapter over a %s; the export merges it into the full-precision base, whose "
@@ -112,12 +128,8 @@ def _load_trained(run: Path, config: RunConfig):
                        run, quantization.describe(config.model.quantization))
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, quantization=None))
     tokenizer = load_tokenizer(config.model, path=str(run))
-
-    def load_base(path):
-        return load_classifier(config.model, config.task, tokenizer.pad_token_id, path=path, dtype=torch.float32)
-
-    model = methods.load(config.peft, load_base, run)
-    return model.eval(), tokenizer
+    fp32 = of_run("fp32", config.peft.method == "full")  # merged in fp32; its autocast is the export's own
+    return load_trained(config, run, tokenizer.pad_token_id, fp32), tokenizer
 
 
 def _merged(model):
@@ -165,13 +177,17 @@ _MEAN_POOLING = '''
         # The head reads pooler(mean of the real tokens' last hidden states) instead of
         # pooler([CLS]), as the model was fine-tuned (gluetune's model.pooling: mean).
         self.base_model.register_forward_hook(pool_the_mean, with_kwargs=True)
+'''  # continues the model class above; gluetune's own hook function follows the classes, as is
 
-
-'''  # continues the model class above; then gluetune's own hook function, as is:
-
-
-def _mean_pooling_source() -> str:
-    return _MEAN_POOLING + inspect.getsource(pool_the_mean)
+_AUTOCAST = '''
+    def forward(self, *args, **kwargs):
+        # As the run evaluated itself, and gluetune predict reads it: under the autocast of the
+        # precision it trained in (config.gluetune_autocast), the logits in fp32.
+        with run_autocast(getattr(self.config, "gluetune_autocast", None), self.device.type):
+            output = super().forward(*args, **kwargs)
+        output.logits = output.logits.float()
+        return output
+'''  # continues the model class above; gluetune's own autocast function follows the classes, as is
 
 
 _PAIR_TOKENIZER = '''
@@ -179,19 +195,53 @@ PAIR_SEPARATOR = {separator!r}  # how gluetune joins a pair for a tokenizer with
 
 
 class {tokenizer_class}(transformers.{base_tokenizer}):
-    """Encodes a pair as the model was trained on it: one text, first + PAIR_SEPARATOR + second."""
+    """Encodes a pair as the model was trained on it: one text, first + PAIR_SEPARATOR + second, and
+    one too long (truncation=True) cut as gluetune cut it: longest first, the separator kept."""
 
     def __call__(self, text=None, text_pair=None, **kwargs):
-        if text_pair is not None:
-            text, text_pair = join_pairs(text, text_pair), None
-        return super().__call__(text, **kwargs)
+        if text_pair is None:
+            return super().__call__(text, **kwargs)
+        joined = join_pairs(text, text_pair)
+        if kwargs.get("truncation") in (None, False, "do_not_truncate"):
+            return super().__call__(joined, **kwargs)
+        single = isinstance(joined, str)
+        firsts, joined = ([text], [joined]) if single else (list(text), joined)
+        max_length = kwargs.pop("max_length", None) or self.model_max_length
+        padding, return_tensors = kwargs.pop("padding", False), kwargs.pop("return_tensors", None)
+        pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
+        offsets_asked = kwargs.pop("return_offsets_mapping", False)
+        special_asked = kwargs.pop("return_special_tokens_mask", False)
+        kwargs.pop("truncation")
+        encoded = super().__call__(joined, truncation=False, return_offsets_mapping=True,
+                                   return_special_tokens_mask=True, **kwargs)
+        for row, first in enumerate(firsts):
+            if len(encoded["input_ids"][row]) > max_length:
+                kept = pair_tokens_to_keep(encoded["offset_mapping"][row], encoded["special_tokens_mask"][row],
+                                           len(first), len(PAIR_SEPARATOR), max_length)
+                for key in encoded:
+                    encoded[key][row] = [encoded[key][row][k] for k in kept]
+        if not offsets_asked:
+            del encoded["offset_mapping"]
+        if not special_asked:
+            del encoded["special_tokens_mask"]
+        encoded = self.pad(encoded, padding=padding, max_length=max_length if padding == "max_length" else None,
+                           pad_to_multiple_of=pad_to_multiple_of,
+                           return_tensors=return_tensors)
+        if single and return_tensors is None:
+            encoded = transformers.BatchEncoding({{key: value[0] for key, value in encoded.items()}})
+        return encoded
 
 
 def join_pairs(first, second):
     if isinstance(first, str):
         return first + PAIR_SEPARATOR + second
     return [a + PAIR_SEPARATOR + b for a, b in zip(first, second, strict=True)]
-'''
+
+'''  # then gluetune's own function, as is:
+
+
+def _pair_tokenizer_source(values: dict) -> str:
+    return _PAIR_TOKENIZER.format(**values, separator=PAIR_SEPARATOR) + "\n" + inspect.getsource(pair_tokens_to_keep)
 
 
 @dataclass
@@ -204,13 +254,14 @@ class RemoteCode:
     model_type: str  # the stock model_type, e.g. bert
     mean_pooling: bool
     base_tokenizer: str | None  # set when the tokenizer must join pairs itself
+    autocast: str | None = None  # the run's autocast (bf16, fp16), which the model's forward runs under
 
     @classmethod
-    def needed_by(cls, model, tokenizer, config: RunConfig) -> RemoteCode | None:
+    def needed_by(cls, model, tokenizer, config: RunConfig, autocast: str | None = None) -> RemoteCode | None:
         """What the merged `model` and its tokenizer need; None when stock transformers suffices."""
         mean_pooling = config.model.pooling == "mean"
         joins_pairs = len(config.task.text_columns) == 2 and not is_pair_template_tokenizer(tokenizer)
-        if not (mean_pooling or joins_pairs):
+        if not (mean_pooling or joins_pairs or autocast):
             return None
         return cls(
             base_config=_stock_class_name(type(model.config), "its model config"),
@@ -219,6 +270,7 @@ class RemoteCode:
             model_type=model.config.model_type,
             mean_pooling=mean_pooling,
             base_tokenizer=_stock_class_name(type(tokenizer), "its tokenizer") if joins_pairs else None,
+            autocast=autocast,
         )
 
     @property
@@ -237,14 +289,18 @@ class RemoteCode:
             reasons.append("the classifier reads the mean of the tokens, not the first token")
         if self.base_tokenizer:
             reasons.append("a sentence pair is encoded as one text, joined by a newline")
+        if self.autocast:
+            reasons.append(f"the model computes under {self.autocast} autocast, as its run evaluated")
         values = {**self.names, "base_config": self.base_config, "base_model": self.base_model,
                   "base_encoder": self.base_encoder, "base_tokenizer": self.base_tokenizer}
         text = _MODULE_HEADER.format(reasons="; ".join(reasons))
         text += _MODEL_CLASSES.format(**values)
-        if self.mean_pooling:
-            text += _mean_pooling_source()
+        text += (_MEAN_POOLING if self.mean_pooling else "") + (_AUTOCAST if self.autocast else "")
+        for function, used in ((pool_the_mean, self.mean_pooling), (run_autocast, self.autocast)):
+            if used:
+                text += "\n\n" + inspect.getsource(function)
         if self.base_tokenizer:
-            text += _PAIR_TOKENIZER.format(**values, separator=PAIR_SEPARATOR)
+            text += _pair_tokenizer_source(values)
         return text
 
     def write(self, folder: Path) -> None:
@@ -258,6 +314,8 @@ class RemoteCode:
             "AutoConfig": f"{REMOTE_CODE_MODULE}.{names['config_class']}",
             "AutoModelForSequenceClassification": f"{REMOTE_CODE_MODULE}.{names['model_class']}",
         }
+        if self.autocast:
+            model_config["gluetune_autocast"] = self.autocast
         atomic_write_json(folder / "config.json", model_config)
         if self.base_tokenizer:
             tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())

@@ -16,8 +16,8 @@ from ..console import bar
 from ..data.tokenizing import encode_texts
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..model.classifier import load_classifier, load_tokenizer, max_model_length
-from ..model.precision import native_bf16
+from ..model.classifier import load_tokenizer, load_trained, max_model_length
+from ..model.precision import Precision, for_reading, of_run
 from . import rundir
 
 logger = logging.getLogger("gluetune")
@@ -38,18 +38,26 @@ def saved_config(folder: str | Path, overrides: list[str] | None = None) -> RunC
         raise UserError(f"model folder not found: {folder}")
     for candidate in (folder, folder.parent):
         if (candidate / CONFIG_FILENAME).is_file():
-            return load_saved_config(candidate, overrides)
+            config = load_saved_config(candidate, overrides)
+            rundir.pin_recorded_revision(config, candidate)  # the hub commit the run trained on
+            return config
     return None
 
 
 class Classifier:
     """A trained model with its tokenizer and task, ready to classify raw texts."""
 
-    def __init__(self, model, tokenizer, config: RunConfig, batch_size: int = 64):
+    def __init__(self, model, tokenizer, config: RunConfig, batch_size: int = 64, precision: Precision | None = None):
+        """`precision`: how the model computes (model.precision; from_folder gives the run's); by default
+        bf16 autocast for a model whose weights are bf16, none otherwise."""
+        import torch
+
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.task = config.task
         self.batch_size = batch_size
         self.max_length = min(config.dataset.max_length, max_model_length(model) or config.dataset.max_length)
+        full = config.peft.method == "full"
+        self.precision = precision or of_run("bf16" if model.dtype == torch.bfloat16 else "fp32", full)
 
     @classmethod
     def from_folder(
@@ -77,18 +85,12 @@ class Classifier:
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(config.model, path=str(folder) if has_tokenizer else None)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # As the run evaluated itself: in the precision it trained in, where this machine computes it natively.
-        trained_in = rundir.trained_precision(folder) or ("bf16" if config.training.get("bf16") else "fp32")
-        dtype = torch.bfloat16 if trained_in == "bf16" and native_bf16() else torch.float32
-
-        def load_base(path):
-            return load_classifier(config.model, config.task, tokenizer.pad_token_id, path=path, dtype=dtype)
-
-        model = methods.load(config.peft, load_base, folder)  # a quantized base loads as trained (model.quantization)
+        # As the run evaluated itself: its precision and autocast (model.precision), where this machine has them.
+        precision = for_reading(rundir.evaluated_in(folder, config), config.peft.method == "full")
+        model = load_trained(config, folder, tokenizer.pad_token_id, precision)  # a quantized base loads as trained
         if not config.model.quantization:  # a quantized one is placed as it loads
             model.to(device)
-        model.eval()
-        return cls(model, tokenizer, config, batch_size=batch_size)
+        return cls(model, tokenizer, config, batch_size=batch_size, precision=precision)
 
     def logits(self, texts: list[tuple[str, ...]]) -> np.ndarray:
         import torch
@@ -110,7 +112,7 @@ class Classifier:
                 rows = order[start : start + self.batch_size]
                 batch = collate([{k: enc[k][i] for k in keys} for i in rows])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.model.dtype == torch.bfloat16):
+                with self.precision.autocast(device.type):
                     out[rows] = self.model(**batch).logits.float().cpu().numpy()
         return out
 

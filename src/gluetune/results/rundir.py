@@ -78,9 +78,21 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def sort_checkpoints(folder: Path) -> tuple[list[Path], dict[Path, list[str]]]:
+    """(the complete checkpoints, oldest step first; {a checkpoint cut short: the files it lacks})."""
+    processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
+    complete, torn = [], {}
+    for path in checkpoints(folder):
+        missing = missing_from_checkpoint(path, processes)
+        if missing:
+            torn[path] = missing
+        else:
+            complete.append(path)
+    return complete, torn
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    processes = recorded_processes(folder)
-    complete = [p for p in checkpoints(folder) if not missing_from_checkpoint(p, processes)]
+    complete, _ = sort_checkpoints(folder)
     return complete[-1] if complete else None
 
 
@@ -96,6 +108,18 @@ def read_record(folder: Path) -> dict:
         return {}
 
 
+def pin_recorded_revision(config, folder: Path) -> None:
+    """Read the run in `folder` back from the hub commit its base model resolved to (run_record.json's
+    `model_source`), where the config names that model with the revision it was recorded with (a
+    `--set` of another model or revision wins): with `revision: null` the hub's main may have moved
+    on since. Nothing for a local or `pkg:` base, or a run recorded before commits were."""
+    source = read_record(folder).get("model_source") or {}
+    model = config.model
+    if source.get("commit") and (source.get("name_or_path"), source.get("revision")) == (model.name_or_path,
+                                                                                          model.revision):
+        model.revision = source["commit"]
+
+
 def trained_precision(folder: Path) -> str | None:
     """The precision (bf16, fp16, fp32) the run in `folder`, or the run a checkpoint-N folder belongs
     to, trained in: from metrics.json, else from its run record; None for a folder gluetune did not write."""
@@ -107,6 +131,12 @@ def trained_precision(folder: Path) -> str | None:
         if found:
             return found
     return None
+
+
+def evaluated_in(folder: Path, config) -> str:
+    """The precision the run in `folder` trained and evaluated in (model.precision reads it back the
+    same way): as recorded, else (a folder gluetune did not write) the one its config asks for."""
+    return trained_precision(folder) or ("bf16" if config.training.get("bf16") else "fp32")
 
 
 def read_metrics(folder: Path) -> dict:

@@ -1,6 +1,6 @@
 """One run: the config's data and model into the Hugging Face Trainer, to a finished folder.
 
-`run` (train(): the steps of a run, in every process of a multi-process job), `machine` (the
+`run` (train(): the steps of a run, in every process of a multi-process job), `training_args` (the
 config's TrainingArguments on this machine), `trainer` (the Trainer with what gluetune adds),
 `callbacks` and `progress` (stopping, divergence, TensorBoard, what a run prints), `outputdir`
 (one writer, resumable checkpoints, the run record), `distributed` (deciding once for N processes),

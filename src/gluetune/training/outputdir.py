@@ -14,16 +14,17 @@ from pathlib import Path
 from ..config.run import CONFIG_FILENAME
 from ..errors import UserError
 from ..files import atomic_write_json, installed_version, sha256_of
+from ..model.precision import cpu_bf16
 from ..results.rundir import (
     LOCK_FILENAME,
     LOCK_FILES,
     OWNER_FILENAME,
     RECORD_FILENAME,
-    checkpoints,
     describe_batch,
     missing_from_checkpoint,
     read_record,
     recorded_processes,
+    sort_checkpoints,
 )
 
 logger = logging.getLogger("gluetune")
@@ -124,12 +125,13 @@ def command_line(argv: list[str] | None = None) -> list[str]:
 
 def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: Path | None,
                  batch: dict[str, int], precision: str, quantization: str | None = None,
-                 optimizer: str | None = None) -> None:
+                 optimizer: str | None = None, model_source: dict | None = None, hub_data: dict | None = None) -> None:
     """What it takes to run this again: the exact command, seed, package versions, data hashes
     (the resolved config sits beside it), what a step holds (per device, accumulation, processes),
-    the precision it trains in on this machine, the base's quantization in words and the optimizer
-    that runs (the config's, or what this machine put in its place: training.optimizers). A resumed
-    run appends its command."""
+    the precision it trains in on this machine, the base's quantization in words, the optimizer
+    that runs (the config's, or what this machine put in its place: training.optimizers), the base
+    model exactly (`model_source`: a hub commit or a content hash, model.provenance) and a hub
+    dataset's commit and fingerprints (`hub_data`). A resumed run appends its command."""
     import platform
     import time
 
@@ -144,12 +146,15 @@ def write_record(folder: Path, seed: int, data_files: list[Path], resumed_from: 
         "seed": seed,
         "batch": batch,
         "precision": precision,
+        "cpu_bf16": cpu_bf16(),  # how this CPU computes bf16 (AVX512-BF16, AMX; None: emulated)
         "config": CONFIG_FILENAME,
         "python": platform.python_version(),
         "packages": versions,
         "quantization": quantization,
         "optimizer": optimizer,
+        "model_source": previous.get("model_source", model_source),  # a resumed run loads what its start recorded
         "data_files": {str(p): sha256_of(p) for p in data_files if Path(p).is_file()},
+        "hub_data": hub_data,
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
     })
 
@@ -197,16 +202,10 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
                 "--overwrite to start it over, or choose another training.output_dir"
             )
         return None
-    processes = recorded_processes(folder)  # read once: for checkpoints of old, which do not record their own
-    complete = []
-    for partial in checkpoints(folder):
-        missing = missing_from_checkpoint(partial, processes)
-        if missing:
-            logger.warning("removing %s: it was being written when the run stopped (no %s)", partial,
-                           ", ".join(missing))
-            shutil.rmtree(partial)
-        else:
-            complete.append(partial)
+    complete, torn = sort_checkpoints(folder)
+    for partial, missing in torn.items():
+        logger.warning("removing %s: it was being written when the run stopped (no %s)", partial, ", ".join(missing))
+        shutil.rmtree(partial)
     if resume == "auto":
         checkpoint = complete[-1] if complete else None
         if checkpoint is None and CONFIG_FILENAME in contents:  # a run began here (not a sweep's fresh folder)

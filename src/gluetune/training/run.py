@@ -8,6 +8,7 @@ writes files; the others wait for it where they must and take every decision wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -16,23 +17,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import methods
 from ..config import quantization
 from ..config.run import RunConfig, check_same_settings, save_config
-from ..data.loading import load_splits, source_files
+from ..data.loading import hub_source, load_splits, source_files
 from ..data.tokenizing import tokenize
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_write_json, atomic_write_text
 from ..model import classifier as models
+from ..model import precision, provenance
+from ..model.precision import cpu_bf16
 from ..results import card, hub, metrics, rundir
 from ..results.report import write_run_report
 from . import distributed, outputdir
 from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard, SingleClassWarning
-from .machine import (
+from .progress import ConsoleProgress
+from .speed import cudagraphs, fastpath
+from .speed.cpu import use_fast_cpu_dropout
+from .trainer import GluetuneTrainer
+from .training_args import (
     batch_factors,
     cuda_available,
     device_name,
@@ -41,10 +47,6 @@ from .machine import (
     reporting,
     training_arguments,
 )
-from .progress import ConsoleProgress
-from .speed import cudagraphs, fastpath
-from .speed.cpu import use_fast_cpu_dropout
-from .trainer import GluetuneTrainer
 
 logger = logging.getLogger("gluetune")
 
@@ -104,7 +106,7 @@ def _prepare_folder(config: RunConfig, lock: outputdir.OutputDirLock,
 def _train_in(config: RunConfig, args: TrainingArguments, checkpoint: Path | None, callbacks: list) -> TrainOutcome:
     started = time.time()
     set_seed(args.seed)  # before the model is built: the new head's initial weights are drawn from it
-    tokenizer, model = _load_model(config, args)
+    tokenizer, model = _load_model(_as_started(config, checkpoint), args)
     raw, encoded = _load_data(config, args, tokenizer, model)
     # Evaluation order does not change any metric; sorted by length, batches carry little padding.
     evals = {s: encoded[s].sort("length") for s in config.task.validation_splits}
@@ -140,15 +142,26 @@ def _record_start(config: RunConfig, args: TrainingArguments, trainer, raw: dict
     outputdir.write_record(config.output_dir, args.seed, source_files(config, list(raw)), checkpoint, batch,
                            precision_of(args),
                            quantization.describe(config.model.quantization) if config.model.quantization else None,
-                           optimizer=optimizer_name(args))
+                           optimizer=optimizer_name(args), model_source=provenance.model_source(config.model),
+                           hub_data=hub_source(config, raw))
     logger.info("effective batch %s%s", rundir.describe_batch(batch), _parallelism(trainer))
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
 
 
+def _as_started(config: RunConfig, checkpoint: Path | None) -> RunConfig:
+    """For a resumed run, the config with the hub commit its start recorded (rundir.pin_recorded_revision):
+    the branch may have moved since. The config saved in the folder stays as the user wrote it."""
+    if checkpoint is None:
+        return config
+    pinned = dataclasses.replace(config, model=dataclasses.replace(config.model))
+    rundir.pin_recorded_revision(pinned, config.output_dir)
+    return pinned
+
+
 def _load_model(config: RunConfig, args: TrainingArguments):
-    # Frozen base weights need no fp32 master copy: under bf16 they load in bf16 (half the memory).
-    dtype = torch.bfloat16 if args.bf16 and config.peft.method != "full" else torch.float32
+    # model.precision's rule, which every reading of the folder follows too
+    dtype = precision.of_run(precision_of(args), config.peft.method == "full").load_dtype
     with args.main_process_first(desc="fetching the model"):  # one download or GGUF conversion, then the cache
         tokenizer = models.load_tokenizer(config.model)
         model = models.load_classifier(config.model, config.task, tokenizer.pad_token_id, dtype=dtype)
@@ -259,6 +272,7 @@ def _summary(config: RunConfig, args, trainer, result, predictions: dict, checkp
         "total_parameters": total,
         "device": device_name(),
         "precision": precision_of(args),
+        "cpu_bf16": cpu_bf16(),  # bf16 kernels differ by CPU (AVX512-BF16, AMX): so do a bf16 run's figures
     }
 
 

@@ -218,9 +218,11 @@ class GluetuneTrainer(Trainer):
 
 
 class _EpochOfBatches(TrainerCallback):
-    """Tells the length-grouped batches which epoch begins. The Trainer's own `set_epoch` does not
-    reach them through both accelerate's per-process dealer and the skipper that a resumed epoch
-    adds, so a run resumed mid-epoch on several processes would replay epoch 0's order."""
+    """Tells the length-grouped batches which epoch begins. The Trainer's own `set_epoch` (transformers
+    5.25, `_run_epoch`) reaches one wrapper down (`loader.batch_sampler.batch_sampler`); a run resumed
+    mid-epoch on several processes puts the batches two down (accelerate's `SkipBatchSampler`, then
+    `BatchSamplerShard`, neither with a `set_epoch`), so without this it would replay epoch 0's order
+    (checked against both libraries' sources: one process, or no resume, is reached; that case is not)."""
 
     def __init__(self):
         self.batches = None

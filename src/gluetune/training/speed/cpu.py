@@ -56,7 +56,7 @@ def use_fast_cpu_dropout(model: nn.Module) -> int:
     return swapped
 
 
-def limit_cpu_heap_growth(threshold_bytes: int = 2 << 20) -> bool:
+def lower_cpu_mmap_threshold(threshold_bytes: int = 2 << 20) -> bool:
     """Serve large CPU allocations by mmap, returned to the OS when freed; True if applied.
 
     Why: with dynamic padding every batch has a new shape, and glibc's heap keeps the freed

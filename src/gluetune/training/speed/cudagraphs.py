@@ -19,7 +19,7 @@ The known pitfalls, and what is done about each:
 - the step's example count changes per step: it is a device tensor the graph reads (`items`), filled
   before each replay; the learning rate lives outside the graph;
 - warm-up and capture must not change the starting weights: they run forward and backward only (no
-  optimizer exists yet), and the gradients and random streams are put back (rollback.attempt);
+  optimizer exists yet), and the gradients and random streams are put back (rollback.run_and_roll_back);
 - no host sync inside: the loss is normalised by a device tensor; the Trainer's NaN filter is off
   (arguments.trainer_kwargs) and token counting is not asked for; a sync that remains fails the
   capture, which the rehearsal turns into a run without graphs;
@@ -43,7 +43,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .rollback import attempt
+from .rollback import run_and_roll_back
 
 logger = logging.getLogger("gluetune")
 
@@ -197,7 +197,7 @@ def use_graphs(trainer, train_batches: list[dict], kind: type[GraphedSteps] = Gr
         for batch in train_batches:
             steps.capture(batch)
 
-    failure = attempt(trainer, capture_every_shape)
+    failure = run_and_roll_back(trainer, capture_every_shape)
     if failure is not None:
         logger.warning("training.cuda_graphs: capturing the training step failed (%s); training without CUDA graphs "
                        "instead (same results, slower)", failure)

@@ -28,7 +28,7 @@ run with the same seed, and reaches the same validation score only within the sp
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
   lost. The rehearsal changes no weight, gradient or random stream, and no step is counted
-  (rollback.attempt).
+  (rollback.run_and_roll_back).
 - **Fused AdamW** on CUDA, non-blocking host-to-device copies, and a larger default
   evaluation batch (arguments.FAST_PATH_EVAL_BATCH; an explicit `per_device_eval_batch_size` is kept).
 
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding
 
-from .rollback import attempt
+from .rollback import run_and_roll_back
 
 logger = logging.getLogger("gluetune")
 
@@ -115,9 +115,10 @@ class BucketCollator:
         return batch
 
 
-def repeated_layers(model) -> list[torch.nn.Module]:
-    """The model's repeated blocks (decoder or encoder layers), found by the names transformers
-    gives them in `_no_split_modules` (what FSDP wraps and device maps keep whole)."""
+def compile_regions(model) -> list[torch.nn.Module]:
+    """The modules compiled one by one: those transformers names in `_no_split_modules` (what FSDP
+    wraps and device maps keep whole), the repeated decoder or encoder layers and, for some models
+    (BERT's `BertEmbeddings`), the embeddings too."""
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
@@ -131,7 +132,7 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
     trees do not mix (see the module's docstring); whole-step graphs are cudagraphs.py's."""
     if not enabled(config):
         return []
-    layers = repeated_layers(trainer.model)
+    layers = compile_regions(trainer.model)
     # dynamic=False makes one graph per input shape and mode, shared by every layer (one code object;
     # planned_graphs counts them) as long as the traced forward reads no int attribute that differs
     # per layer: dynamo specialises on those, and a KV cache's update reads `layer_idx`, so a model
@@ -275,7 +276,7 @@ def rehearse(trainer, train_batches: list[dict], eval_batches: list[dict], layer
             where[0] += ", compiling the layers"  # dynamo's or its backend's own failure, not the model's
             raise
 
-    failure = attempt(trainer, run_every_shape)
+    failure = run_and_roll_back(trainer, run_every_shape)
     if failure is not None:
         uncompile(layers)
         logger.warning("fast path: the rehearsal before training failed%s (%s); training with eager layers instead "

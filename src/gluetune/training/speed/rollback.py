@@ -24,7 +24,7 @@ class RandomState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def attempt(trainer, action: Callable[[], None]) -> str | None:
+def run_and_roll_back(trainer, action: Callable[[], None]) -> str | None:
     """Run `action` (a rehearsal) leaving the run's starting point as it was; None if it worked on
     every process, else what failed (the same answer on every process).
 
