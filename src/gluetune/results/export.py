@@ -18,9 +18,10 @@ hub ships custom heads:
   one text, which no post-processor can reproduce token for token (Qwen's pre-tokenizer merges
   ".\\n" into one token), so the exported tokenizer joins the pair before encoding, and cuts an
   over-long one as gluetune does (`data.tokenizing.pair_tokens_to_keep`).
-- a run that trained in bf16 (or fp16) evaluated under that autocast, and so does everything that
-  reads its folder (model.precision): the exported model's forward runs under it too
-  (config.json's `gluetune_autocast`), so it predicts what `gluetune predict` does.
+- a full fine-tuning that trained in bf16 (or fp16) evaluated its fp32 weights under that autocast,
+  and so does everything that reads its folder (model.precision): the exported model's forward runs
+  under it too (config.json's `gluetune_autocast`), so it predicts what `gluetune predict` does. (A
+  merged adapter computes in the export's dtype: see _run_autocast.)
 Such a folder gets a model_type of its own, so that loading it without `trust_remote_code`
 fails loudly instead of silently falling back to stock classes that predict differently.
 """
@@ -110,9 +111,16 @@ def _check_output_dir(output_dir: Path, run: Path) -> None:
 
 
 def _run_autocast(run: Path, config: RunConfig) -> str | None:
-    """The autocast the run evaluated under (bf16, fp16), which its export runs under too; None for fp32."""
+    """The autocast the run evaluated under (bf16, fp16), which its export runs under too where its
+    weights are the run's own (full fine-tuning); None for fp32 and for a merged adapter.
+
+    Why not for a merged adapter: the run computed base and adapter apart (the base's product rounded
+    in bf16, the adapter's small one beside it); merged, the adapter is part of one weight that
+    autocast would round to bf16 as a whole, losing most of it. The merged fp32 weight computed in the
+    export's dtype is as close to the run as bf16 could be (measured closer: docs/robustness.md), and it
+    stays a plain transformers model."""
     trained_in = rundir.evaluated_in(run, config)
-    return trained_in if trained_in in ("bf16", "fp16") else None
+    return trained_in if trained_in in ("bf16", "fp16") and config.peft.method == "full" else None
 
 
 def _load_trained(run: Path, config: RunConfig):
