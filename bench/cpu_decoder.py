@@ -156,16 +156,24 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    smoke_dir = Path(tempfile.mkdtemp(prefix="cpu_decoder_smoke-")) if args.smoke else None
+    try:
+        run(args, Path(args.glue_dir).resolve(), smoke_dir)
+    finally:
+        if smoke_dir:
+            shutil.rmtree(smoke_dir, ignore_errors=True)
+
+
+def run(args, glue_dir: Path, smoke_dir: Path | None) -> None:
     import torch
 
     from gluetune.config.run import load_config
 
-    glue_dir = Path(args.glue_dir).resolve()
-    smoke_dir = Path(tempfile.mkdtemp(prefix="cpu_decoder_smoke-")) if args.smoke else None
     extra = [*args.extra, *(SMOKE_RUN if args.smoke else [])]
     # (config, its sweep folder, its overrides): (c), and (d) with --compare
-    recipes = [(args.config, args.sweep_dir, extra)] + ([(args.compare, args.compare_sweep_dir, SMOKE_RUN if args.smoke
-                                                          else [])] if args.compare else [])
+    recipes = [(args.config, args.sweep_dir, extra)]
+    if args.compare:
+        recipes.append((args.compare, args.compare_sweep_dir, SMOKE_RUN if args.smoke else []))
     recipes = [(config, given or (smoke_dir or ROOT / "sweeps") / config.stem.removeprefix("glue_"), overrides)
                for config, given, overrides in recipes]
     if args.reuse_only and not args.probe_only:  # before the probe's minutes: every seed must be there
@@ -177,22 +185,18 @@ def main() -> None:
           f"python {platform.python_version()}; load average at start {load}", flush=True)
     print(f"model: {config.model.name_or_path} {config.model.gguf_file}; data: {glue_dir / 'CoLA'}"
           f"{f'; SMOKE: {SMOKE_SENTENCES} sentences, 32-sentence runs' if args.smoke else ''}", flush=True)
-    try:
-        probe = frozen_probe(config, glue_dir, SMOKE_SENTENCES if args.smoke else None)
-        print(f"(a) frozen last-token features + logistic regression (C={probe['C']:g}, 5-fold CV): "
-              f"mcc={probe['mcc']:.4f} accuracy={probe['accuracy']:.4f} ({probe['seconds']:.0f} s)", flush=True)
-        print(f"(b) majority class (acceptable): mcc=0.0000 accuracy={probe['majority_accuracy']:.4f}", flush=True)
-        if args.probe_only:
-            return
-        medians = []
-        for label, (config_path, sweep_dir, overrides) in zip(["(c)", "(d) same seeds,"], recipes):
-            if not args.reuse_only:
-                lora_sweep(config_path, glue_dir, args.seeds, sweep_dir, args.jobs, overrides)
-            medians.append(describe(label, config_path, finished_runs(config_path, glue_dir, args.seeds, sweep_dir,
-                                                                      overrides), overrides))
-    finally:
-        if smoke_dir:
-            shutil.rmtree(smoke_dir, ignore_errors=True)
+    probe = frozen_probe(config, glue_dir, SMOKE_SENTENCES if args.smoke else None)
+    print(f"(a) frozen last-token features + logistic regression (C={probe['C']:g}, 5-fold CV): "
+          f"mcc={probe['mcc']:.4f} accuracy={probe['accuracy']:.4f} ({probe['seconds']:.0f} s)", flush=True)
+    print(f"(b) majority class (acceptable): mcc=0.0000 accuracy={probe['majority_accuracy']:.4f}", flush=True)
+    if args.probe_only:
+        return
+    medians = []
+    for label, (config_path, sweep_dir, overrides) in zip(["(c)", "(d) same seeds,"], recipes):
+        if not args.reuse_only:
+            lora_sweep(config_path, glue_dir, args.seeds, sweep_dir, args.jobs, overrides)
+        runs = finished_runs(config_path, glue_dir, args.seeds, sweep_dir, overrides)
+        medians.append(describe(label, config_path, runs, overrides))
     compare = f" compare_median_mcc={medians[1]:.4f}" if len(medians) > 1 else ""
     print(f"RESULT probe_mcc={probe['mcc']:.4f} lora_median_mcc={medians[0]:.4f} margin={medians[0] - probe['mcc']:.4f}"
           f"{compare}")
