@@ -53,7 +53,7 @@ LONG_MODULES = ("search/test_search.py", "training/test_distributed.py", "search
                 "training/test_resilience.py", "results/test_submission.py", "model/test_qlora.py",
                 "training/test_fastpath.py", "training/test_trust.py", "training/test_train.py",
                 "search/test_search_db.py", "results/test_export.py", "search/test_search_rules.py",
-                "model/test_decoder.py")
+                "model/test_gemma3.py", "model/test_decoder.py")
 
 
 def pytest_collection_modifyitems(config, items):

