@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from ..errors import UserError, did_you_mean, one_line
+from ..files import installed_version
 from ..validation import check_value
 from .tasks import Task
 
@@ -189,6 +190,9 @@ _MACHINE_FLAGS = {"bf16": False, "fp16": False, "tf32": None, "use_liger_kernel"
 
 def check_trainer_kwargs(kwargs: dict[str, Any], source: str) -> None:
     """Let TrainingArguments judge the combination of values, before any model loads."""
+    if kwargs.get("deepspeed") and installed_version("deepspeed") is None:  # (TrainingArguments raises its own error)
+        raise UserError(f"{source}: training.deepspeed: the deepspeed package is not installed (pip install "
+                        "deepspeed; it needs CUDA); configs/accelerate/fsdp.yaml shards without it")
     try:
         _offline_arguments_class()(**{**kwargs, **_MACHINE_FLAGS})
     except (ValueError, TypeError) as err:

@@ -191,6 +191,12 @@ def read_glue_split(folder: Path, task: Task, split: str):
     text_idx = {col: index_of(columns[col]) for col in task.text_columns}
     idx_col = index_of(columns["idx"]) if "idx" in columns else None
     label_idx = None if is_test or layout.label is None else index_of(layout.label)
+    # A file without a header is read by position (CoLA: source, label, original label, sentence).
+    needed = 1 + max(i for i in (*text_idx.values(), idx_col, label_idx) if i is not None)
+    line, fields = rows[0]  # (read_delimited: every row as wide as the first)
+    if len(fields) < needed:
+        raise UserError(f"{path}:{line}: {len(fields)} fields; task '{task.name}' reads {needed} from its {split} file "
+                        f"({layout.dir_name}/{layout.files[split]} as GLUE ships it)")
     out: dict[str, list] = {c: [] for c in (*task.text_columns, "label", "idx")}
     for row_number, (line, fields) in enumerate(rows):
         for col, i in text_idx.items():
@@ -199,8 +205,16 @@ def read_glue_split(folder: Path, task: Task, split: str):
             out["label"].append(UNLABELED)
         else:
             out["label"].append(parse_label(fields[label_idx], task, f"{path}:{line}", layout.label_map))
-        out["idx"].append(int(fields[idx_col]) if idx_col is not None else row_number)
+        out["idx"].append(_index(fields[idx_col], f"{path}:{line}") if idx_col is not None else row_number)
     return _to_dataset(out, task)
+
+
+def _index(value: str, where: str) -> int:
+    """A test file's example index: the submission's row key."""
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{where}: index {value!r} is not an integer (a test example's number, for the submission)") from None
 
 
 def read_data_file(path: str | os.PathLike, task: Task, label_column: str = "label", labeled: bool = True):
