@@ -7,6 +7,8 @@
 #   bash bench/gpu_device.sh stage-minilm   # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
 #   bash bench/gpu_device.sh sweep-fast [ARGS] # there: the 8-seed MiniLM sweep with and without the fast path
 #   bash bench/gpu_device.sh sweep [ARGS]   # there: `gluetune sweep` of the CPU default's config, ARGS added
+#   bash bench/gpu_device.sh fsdp           # there (after stage): gluetune's train() sharded with FSDP2 on every
+#                                           # GPU against one process (bench/gpu_fsdp.py; accelerate shards only on GPUs)
 #
 # `measure` times, in one call, on the reference shapes: plain gluetune and the Trainer + PEFT baseline
 # for one epoch (--epochs), the fast path without and with whole-step CUDA graphs for FAST_EPOCHS
@@ -64,7 +66,7 @@ Path(".gpu_assets/minilm/model.safetensors.xz").write_bytes(lzma.compress(save(w
 PY
   du -sh .whl .gpu_assets
   ;;
-run|measure|sweep|sweep-fast)
+run|measure|sweep|sweep-fast|fsdp)
   mode=$1
   shift
   PY=${PY:-python3}
@@ -93,6 +95,9 @@ run|measure|sweep|sweep-fast)
     if [ "$mode" = sweep ]; then
       exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set "dataset.data_dir=$SHARED/data/glue" "$@"
     fi
+    if [ "$mode" = fsdp ]; then
+      exec $PY bench/gpu_fsdp.py --smoke "$@"
+    fi
     exec $PY bench/gpu_qwen.py "$@"
   fi
   if [ -d .whl ]; then
@@ -108,11 +113,13 @@ run|measure|sweep|sweep-fast)
     exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set model.name_or_path=.gpu_assets/minilm \
       --set dataset.data_dir=.gpu_assets/glue "$@"
   fi
-  $PY bench/gpu_qwen.py --glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer \
+  script=bench/gpu_qwen.py
+  [ "$mode" = fsdp ] && script=bench/gpu_fsdp.py
+  $PY $script --glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer \
     --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B "$@"
   ;;
 *)
   echo "usage: bash bench/gpu_device.sh stage | measure [--smoke] [gpu_qwen.py arguments] | run [gpu_qwen.py arguments]" \
-    "| stage-minilm | sweep-fast [--smoke] | sweep [gluetune sweep arguments]" >&2; exit 2
+    "| stage-minilm | sweep-fast [--smoke] | sweep [gluetune sweep arguments] | fsdp [--smoke]" >&2; exit 2
   ;;
 esac
