@@ -132,6 +132,7 @@ overrides = st.lists(st.one_of(st.builds(lambda p, v: f"{p}={v}", override_paths
 
 
 @given(overrides=overrides)
+@example(overrides=["training.deepspeed=;"])  # (found: see test_deepspeed_without_its_package_is_one_line)
 def test_generated_set_values_load_or_are_refused_in_one_line(overrides):
     settled(lambda: load_config(REFERENCE_CONFIG, overrides))
 
@@ -206,6 +207,8 @@ def test_generated_data_files_load_or_are_refused_in_one_line(train, validation,
 
 
 @given(rows=st.lists(st.lists(cells, min_size=3, max_size=5), max_size=5), encoding=st.sampled_from(["utf-8", "latin-1"]))
+@example(rows=[["", "0", None]], encoding="utf-8").via("found: an IndexError")
+@example(rows=[["", "inf", "", ""]], encoding="utf-8").via("found: an OverflowError")
 def test_generated_glue_files_load_or_are_refused_in_one_line(rows, encoding):
     """CoLA's own layout (no header; source, label, original label, sentence), generated."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,12 +251,23 @@ def test_deepspeed_without_its_package_is_one_line(tmp_path):
 @pytest.mark.parametrize("name, text, fragment", [
     ("train.tsv", "gj04\t1\t\n", "train.tsv:1: 3 fields; task 'cola' reads 4 from its train file"),
     ("test.tsv", "index\tsentence\nseven\tA sentence.\n", "test.tsv:2: index 'seven' is not an integer"),
+    ("train.tsv", "gj04\tinf\t\tA sentence.\n", "train.tsv:1: label 'inf' is not valid for task 'cola'"),
 ])
 def test_a_glue_file_of_another_layout_is_one_line(tmp_path, name, text, fragment):
-    """Found by the GLUE-layout cases: a CoLA file with fewer columns than GLUE's was an IndexError, and
-    a test file whose index is not a number a ValueError."""
+    """Found by the GLUE-layout cases: a CoLA file with fewer columns than GLUE's was an IndexError, a
+    test file whose index is not a number a ValueError, a label 'inf' an OverflowError."""
     (tmp_path / "CoLA").mkdir()
     (tmp_path / "CoLA" / name).write_text(text)
     config = load_config(REFERENCE_CONFIG, [f"dataset.data_dir={tmp_path}"])
     with pytest.raises(UserError, match=fragment):
         load_splits(config, ["test" if name == "test.tsv" else "train"])
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf"])
+def test_a_regression_label_that_is_not_finite_is_one_line(tmp_path, score):
+    """Found with the OverflowError above: float() reads 'nan' and 'inf', and a NaN or infinite target
+    would make every loss after it NaN; a regression label must be a finite number."""
+    (tmp_path / "train.csv").write_text(f"text,label\na sentence,1.5\nanother,{score}\n")
+    config = custom_task(tmp_path, tmp_path / "train.csv", tmp_path / "train.csv", label_names=[])
+    with pytest.raises(UserError, match=f"train.csv:3: label '{score}' is not a finite number"):
+        load_splits(config, ["train"])

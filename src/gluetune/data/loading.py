@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,12 @@ def parse_label(value: Any, task: Task, where: str, label_map: dict[str, int] | 
     """A label id (or a float for regression) from a file's label value."""
     if task.is_regression:
         try:
-            return float(value)
+            score = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{where}: label {value!r} is not a number (task '{task.name}' is regression)") from None
+        if not math.isfinite(score):  # a NaN or infinite target makes every loss after it NaN
+            raise UserError(f"{where}: label {value!r} is not a finite number (task '{task.name}' is regression)")
+        return score
     names = task.label_names
     if label_map is not None:
         if value in label_map:
@@ -146,7 +150,7 @@ def parse_label(value: Any, task: Task, where: str, label_map: dict[str, int] | 
         number = float(value)
         label = int(number)
         ok = number == label
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: 'inf')
         ok = False
     if ok and 0 <= label < len(names):
         return label
