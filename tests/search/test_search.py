@@ -244,19 +244,26 @@ def start_ray_head(env: dict, *options: str) -> tuple[subprocess.Popen, str, str
 
 
 def stop_ray_head(node: subprocess.Popen, temp: str) -> None:
-    """By its process group (never `ray stop`, which would end every Ray process of this user)."""
+    """By its process group (never `ray stop`, which would end every Ray process of this user): SIGTERM,
+    waited for until the whole group has ended (Ray's processes end after the head), SIGKILL after 20 s."""
     import shutil
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    def group_runs() -> bool:
+        node.poll()  # (reaps the head: a zombie still counts as a member)
         try:
-            os.killpg(node.pid, sig)
+            os.killpg(node.pid, 0)
+            return True
         except ProcessLookupError:
+            return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_runs():
             break
-        try:
-            node.wait(timeout=20)
-            time.sleep(1)  # the group's other processes end after the head
-        except subprocess.TimeoutExpired:
-            pass
+        os.killpg(node.pid, sig)
+        deadline = time.monotonic() + 20
+        while group_runs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    node.wait()
     shutil.rmtree(temp, ignore_errors=True)
 
 
