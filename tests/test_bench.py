@@ -1,4 +1,5 @@
-"""The benchmark scripts run: the GPU one exits cleanly without CUDA and works end to end in --smoke."""
+"""The benchmark scripts run: the GPU one exits cleanly without CUDA, stops at a failing probe, and works
+end to end in --smoke (slow tier)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
     assert "no CUDA device here" in result.stdout
 
 
+@pytest.mark.slow  # about 50 s on 2 cores; the default tier runs the bench's probe (the next test)
 def test_gpu_bench_pipeline_on_a_tiny_model():
     """The prepared GPU command, shrunk (--smoke, 3-step probes): random-weight model folder, gluetune, baseline."""
     result = run_cli("bench/gpu_qwen.py", "--smoke", "--epochs", "1", "--probe_steps", "3")

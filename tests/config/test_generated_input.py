@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REFERENCE_CONFIG, assert_one_line_error, run_main
+
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install -e '.[dev]')")
 from hypothesis import example, given
 from hypothesis import strategies as st
 from peft import LoraConfig
