@@ -39,7 +39,7 @@ def settled(call):
         return call()
     except UserError as err:
         message = str(err)
-        assert message.strip() and "\n" not in message and "\r" not in message, repr(message)
+        assert message.strip() and len(message.splitlines()) == 1, repr(message)
         return err
 
 
@@ -273,3 +273,18 @@ def test_a_regression_label_that_is_not_finite_is_one_line(tmp_path, score):
     config = custom_task(tmp_path, tmp_path / "train.csv", tmp_path / "train.csv", label_names=[])
     with pytest.raises(UserError, match=f"train.csv:3: label '{score}' is not a finite number"):
         load_splits(config, ["train"])
+
+
+@pytest.mark.parametrize("section, key", [("training", "learning\rrate"), ("model", "\u2028")])
+@pytest.mark.parametrize("given_by", ["file", "--set"])
+def test_a_line_break_in_a_key_stays_on_the_error_line(tmp_path, section, key, given_by):
+    """Found by the config and --set cases: a key holding a carriage return or a line separator was
+    quoted as is, and the one error line came out as two on the terminal."""
+    raw = read_yaml_file(REFERENCE_CONFIG)
+    if given_by == "file":
+        raw[section][key] = 1
+    path = config_file(tmp_path, yaml.safe_dump(raw, allow_unicode=True))
+    result = run_main("-m", "gluetune", "train", "--config", str(path),
+                      *(["--set", f"{section}.{key}=1"] if given_by == "--set" else []))
+    line = assert_one_line_error(result)
+    assert result.stderr.splitlines() == [line]
