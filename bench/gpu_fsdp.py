@@ -90,7 +90,8 @@ def main() -> int:
     if gpus:
         checks = {"sharded with FSDP2": bool(said) and "(FSDP2)" in said[0]}
     else:  # the CPU rehearsal: accelerate's fallback, which the run must say
-        checks = {"not sharded on a CPU, and the run says so": "accelerate shards models only on GPUs" in sharded.stderr}
+        fallback = "accelerate shards models only on GPUs" in sharded.stderr
+        checks = {"not sharded on a CPU, and the run says so": fallback}
     folder = work / "sharded"
     checks["an ordinary peft adapter"] = all((folder / name).is_file()
                                               for name in ("adapter_config.json", "adapter_model.safetensors"))

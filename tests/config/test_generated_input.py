@@ -105,8 +105,8 @@ odd_texts = st.one_of(
     st.binary(max_size=200),
     st.text(max_size=60).map(lambda t: ("model:\n  name_or_path: x\n" + t).encode("utf-16")),
     st.text(max_size=60).map(lambda t: ("model: {name_or_path: " + t + "}\n").encode("latin-1", "replace")),
-    st.sampled_from([b"", b"\n\n", b"\xef\xbb\xbf", b"---\n...\n", b"- a\n- b\n", b"model: !!python/object:os.system x\n",
-                     b"a: &x [*x]\n", b"model:\n\tname_or_path: x\n", b"\x00\x00", b"x" * 300_000]),
+    st.sampled_from([b"", b"\n\n", b"\xef\xbb\xbf", b"---\n...\n", b"- a\n- b\n",
+                     b"model: !!python/object:os.system x\n", b"a: &x [*x]\n", b"model:\n\tname_or_path: x\n", b"\x00\x00", b"x" * 300_000]),
 )
 
 
@@ -129,8 +129,8 @@ override_values = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["[", "{a: 1", "'", "!!python/name:os.system", "&a 1", "*a", "- x", ": :", "1e400", ".nan"]),
 )
-overrides = st.lists(st.one_of(st.builds(lambda p, v: f"{p}={v}", override_paths, override_values), st.text(max_size=16)),
-                     min_size=1, max_size=3)
+overrides = st.lists(st.one_of(st.builds(lambda p, v: f"{p}={v}", override_paths, override_values),
+                               st.text(max_size=16)), min_size=1, max_size=3)
 
 
 @given(overrides=overrides)
@@ -153,7 +153,8 @@ def data_files(draw) -> tuple[str, bytes]:
     suffix = draw(st.sampled_from([".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt"]))
     kind = draw(st.sampled_from(["table", "table", "table", "bytes", "huge"]))
     if kind == "bytes":
-        return suffix, draw(st.one_of(st.binary(max_size=100), st.sampled_from([b"", b"\n", b" \n\t", b"\xef\xbb\xbf"])))
+        return suffix, draw(st.one_of(st.binary(max_size=100),
+                                      st.sampled_from([b"", b"\n", b" \n\t", b"\xef\xbb\xbf"])))
     header = draw(columns)
     rows = draw(st.lists(st.lists(cells, min_size=len(header) - 1, max_size=len(header) + 1), max_size=6))
     if kind == "huge":  # one long text, many rows
@@ -208,7 +209,8 @@ def test_generated_data_files_load_or_are_refused_in_one_line(train, validation,
         settled(lambda: read_input_file(paths[0], config.task))  # gluetune predict --input_file
 
 
-@given(rows=st.lists(st.lists(cells, min_size=3, max_size=5), max_size=5), encoding=st.sampled_from(["utf-8", "latin-1"]))
+@given(rows=st.lists(st.lists(cells, min_size=3, max_size=5), max_size=5),
+       encoding=st.sampled_from(["utf-8", "latin-1"]))
 @example(rows=[["", "0", None]], encoding="utf-8").via("found: an IndexError")
 @example(rows=[["", "inf", "", ""]], encoding="utf-8").via("found: an OverflowError")
 def test_generated_glue_files_load_or_are_refused_in_one_line(rows, encoding):
@@ -288,3 +290,12 @@ def test_a_line_break_in_a_key_stays_on_the_error_line(tmp_path, section, key, g
                       *(["--set", f"{section}.{key}=1"] if given_by == "--set" else []))
     line = assert_one_line_error(result)
     assert result.stderr.splitlines() == [line]
+
+
+def test_a_training_file_that_cannot_be_read_is_one_line(tmp_path):
+    """Found by the config cases: TrainingArguments reads training.accelerator_config's JSON file when
+    the config loads, and a path that is not there was a FileNotFoundError traceback."""
+    missing = tmp_path / "missing.json"
+    result = run_main("-m", "gluetune", "train", "--config", str(REFERENCE_CONFIG), "--set",
+                      f"training.accelerator_config={missing}", "--set", f"training.output_dir={tmp_path / 'run'}")
+    assert_one_line_error(result, f"training.accelerator_config: cannot read '{missing}' (No such file or directory)")

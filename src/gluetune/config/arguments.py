@@ -197,3 +197,8 @@ def check_trainer_kwargs(kwargs: dict[str, Any], source: str) -> None:
         _offline_arguments_class()(**{**kwargs, **_MACHINE_FLAGS})
     except (ValueError, TypeError) as err:
         raise UserError(f"{source}: training: {one_line(err)}") from None
+    except OSError as err:  # a JSON file a value names (accelerator_config, fsdp_config, ...), read as it loads
+        keys = [key for key, value in kwargs.items() if isinstance(value, str) and value == err.filename]
+        raise UserError(f"{source}: training{'.' + keys[0] if keys else ''}: cannot read {err.filename!r} "
+                        f"({err.strerror or one_line(err)}); expected the path of a JSON file, or its settings "
+                        "inline") from None
