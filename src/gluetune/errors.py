@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
+# What ends a line (str.splitlines), shown escaped: a message quotes the user's keys and values as given.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class UserError(Exception):
@@ -17,6 +19,9 @@ class UserError(Exception):
 
     exit_code = EXIT_USER_ERROR
     shared = False  # raised by every process of a multi-process run alike (only the main one says it)
+
+    def __init__(self, message: object = "", *args):
+        super().__init__(str(message).translate(_LINE_BREAKS), *args)
 
 
 class TrainingDiverged(UserError):

@@ -68,7 +68,10 @@ def check_file(path, name, expected_index):
     return predictions
 
 
-@pytest.mark.parametrize("name", [*LOCAL_TASKS, "qqp", "qnli"])
+# cola (single sentences), mrpc (pairs, a label map), stsb (regression) and rte (word labels) in the default
+# tier; the other layouts, each another training run of about 4 s, in the slow one.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name in ("sst2", "wnli", "qqp", "qnli")
+                                               else []) for name in [*LOCAL_TASKS, "qqp", "qnli"]])
 def test_task_trains_from_its_config_and_submits(trained, tmp_path, capsys, name):
     folder = trained(name)
     metrics = json.loads((folder / "metrics.json").read_text())

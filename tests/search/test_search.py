@@ -138,6 +138,7 @@ def test_two_workers_run_every_enqueued_trial_exactly_once(tiny_qwen, keyword_ta
     assert (search_dir / "search_history.png").is_file() and (search_dir / "search_curves.png").is_file()
 
 
+@pytest.mark.slow  # about 36 s on 2 cores: three searches' worth of trials
 def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_qwen, keyword_task, tmp_path):
     search_dir = tmp_path / "search"
     space = write_space(tmp_path / "space.yaml", [0.005, 0.004, 0.0])
@@ -211,49 +212,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_ray(address: str, env: dict, node: subprocess.Popen) -> None:
-    check = f"import ray; ray.init(address={address!r}); ray.shutdown()"
-    for _ in range(60):
-        assert node.poll() is None, "ray start --head exited"
-        if subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, timeout=60, check=False).returncode == 0:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the Ray node at {address} did not come up")
+def start_ray_head(env: dict, *options: str) -> tuple[subprocess.Popen, str, str]:
+    """`ray start --head --block` on free ports, in its own process group: (the process, its address, its
+    temp folder), once it says it started; a head that exits first fails the test with what it printed.
+
+    Its temp folder is a short one of its own: Ray's Unix sockets live there, and a socket's path must
+    stay under 108 characters (under pytest's temp folder an xdist worker's made the plasma store's 115:
+    the head exited at once, and the search it was for then waited on an address where nothing listened).
+    Every port is chosen, none left to Ray's fixed defaults, so two heads of one session never meet."""
+    import tempfile
+    import threading
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    node = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port),
+         "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--include-dashboard", "false", "--disable-usage-stats",
+         "--temp-dir", temp, *options],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    printed = []
+    for line in node.stdout:
+        printed.append(line)
+        if "Ray runtime started" in line:
+            # the rest of what it prints, read so that it never blocks on a full pipe
+            threading.Thread(target=lambda: [printed.append(rest) for rest in node.stdout], daemon=True).start()
+            return node, f"127.0.0.1:{port}", temp
+    node.wait()
+    stop_ray_head(node, temp)
+    raise AssertionError(f"ray start --head exited ({node.returncode}) before it started:\n{''.join(printed)[-3000:]}")
+
+
+def stop_ray_head(node: subprocess.Popen, temp: str) -> None:
+    """By its process group (never `ray stop`, which would end every Ray process of this user): SIGTERM,
+    waited for until the whole group has ended (Ray's processes end after the head), SIGKILL after 20 s."""
+    import shutil
+
+    def group_runs() -> bool:
+        node.poll()  # (reaps the head: a zombie still counts as a member)
+        try:
+            os.killpg(node.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_runs():
+            break
+        os.killpg(node.pid, sig)
+        deadline = time.monotonic() + 20
+        while group_runs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    node.wait()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
 def ray_node():
-    """A one-node Ray cluster of 2 CPUs on free ports, stopped by its own process group (never
-    `ray stop`, which would end every Ray process of this user). Token authentication off: on
-    a local cluster Ray 2.59+ turns it on, and the test's search would need the token."""
+    """A one-node Ray cluster of 2 CPUs on free ports. Token authentication off: on a local cluster
+    Ray 2.59+ turns it on, and the test's search would need the token."""
     pytest.importorskip("ray.tune")
-    import shutil
-    import tempfile
-
-    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT / "src")}
-    # Ray's sockets live under --temp-dir: a Unix socket's path must stay under 108 characters.
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    node = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
-         "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
-         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    node, address, temp = start_ray_head(env, "--num-cpus", "2", "--num-gpus", "0")
     try:
-        wait_for_ray(f"127.0.0.1:{port}", env, node)
-        yield f"127.0.0.1:{port}", env
+        yield address, env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(node.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                node.wait(timeout=20)
-                time.sleep(1)  # the group's other processes end after the head
-            except subprocess.TimeoutExpired:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_ray_head(node, temp)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import REFERENCE_CONFIG, ROOT, assert_one_line_error, run_cli
@@ -101,6 +100,8 @@ def test_a_ray_cluster_that_refuses_the_token_is_named_so(monkeypatch):
     from gluetune.errors import UserError
     from gluetune.search import ray_tune
 
+    monkeypatch.setattr(ray_tune, "_check_reachable", lambda address: None)  # (no cluster at 10.1.2.3)
+
     def refuse(*args, **kwargs):  # as Ray 2.60's driver fails against a cluster with token authentication
         try:
             raise RuntimeError("Failed to get the GCS client: Unauthenticated: InvalidAuthToken: Authentication "
@@ -115,6 +116,25 @@ def test_a_ray_cluster_that_refuses_the_token_is_named_so(monkeypatch):
     assert "the Ray cluster at 10.1.2.3:6379 refused this machine's authentication token" in message
     assert "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in message and "ray get-auth-token" in message
     assert "cannot reach" not in message
+
+
+@pytest.mark.timeout(120)  # (before the bound: Ray's 20 tries of up to 40 s each, about 14 minutes)
+def test_a_ray_address_where_nothing_listens_is_refused_within_seconds():
+    """Where no cluster is (a head that died, a wrong port), the search is refused at once, naming the
+    address, instead of waiting on Ray's retries."""
+    pytest.importorskip("ray")
+    from test_search import free_port
+
+    from gluetune.errors import UserError
+    from gluetune.search import ray_tune
+
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(UserError) as refused:
+        ray_tune.connect(address)
+    assert time.monotonic() - started < ray_tune.CONNECT_TIMEOUT_S
+    assert str(refused.value).startswith(f"cannot reach the Ray cluster at {address} (connecting: Connection refused)")
+    assert "ray start --head" in str(refused.value) and "\n" not in str(refused.value)
 
 
 # ---------------------------------------------------------------- the last evaluation
@@ -225,43 +245,30 @@ def test_ctrl_c_on_a_ray_search_says_interrupted_and_exits_non_zero(tiny_qwen, k
 @pytest.mark.slow
 def test_a_ray_cluster_with_a_token_names_the_token_when_it_refuses_the_search(tmp_path):
     """A head started where ~/.ray/auth_token exists turns token authentication on (Ray 2.60); a search
-    from a machine without the token is refused by Ray as 'Failed to connect' (about 20 s)."""
+    from a machine without the token is refused, naming the token and both variables, within a bound:
+    ray_tune's own connection check, then Ray's RAY_CONNECT_TRIES tries 1 s apart (Ray alone: 20 s)."""
     pytest.importorskip("ray.tune")
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
-    from test_search import free_port
+    from test_search import start_ray_head, stop_ray_head
+
+    from gluetune.search.ray_tune import CONNECT_TIMEOUT_S, RAY_CONNECT_TRIES
 
     head_home, home = tmp_path / "head", tmp_path / "client"
     (head_home / ".ray").mkdir(parents=True)
     home.mkdir()
     (head_home / ".ray" / "auth_token").write_text(generate_new_authentication_token())
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    port = free_port()
-    temp = tmp_path.parent / f"ray-token-{port}"  # (a Unix socket's path must stay under 108 characters)
-    node = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus", "1", "--port", str(port),
-         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp)],
-        env={**base, "HOME": str(head_home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+    node, address, temp = start_ray_head({**base, "HOME": str(head_home)}, "--num-cpus", "1")
     try:
-        for line in node.stdout:
-            if "Ray runtime started" in line:
-                break
         write_space(tmp_path / "space.yaml", [0.005])
+        started = time.monotonic()
         refused = run_cli("-m", "gluetune", "search", "--config", str(REFERENCE_CONFIG), "--space",
                           str(tmp_path / "space.yaml"), "--search_dir", str(tmp_path / "search"), "--engine", "ray",
-                          "--address", f"127.0.0.1:{port}", env={**base, "HOME": str(home)}, timeout=300)
-        assert_one_line_error(refused, f"the Ray cluster at 127.0.0.1:{port} refused this machine's authentication token",
+                          "--address", address, env={**base, "HOME": str(home)}, timeout=300)
+        took = time.monotonic() - started
+        assert_one_line_error(refused, f"the Ray cluster at {address} refused this machine's authentication token",
                               "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
+        # the command's start (torch, ray: up to 30 s on 2 busy cores), the check, Ray's tries
+        assert took < 30 + CONNECT_TIMEOUT_S + 2 * RAY_CONNECT_TRIES, took
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(node.pid, sig)
-                node.wait(timeout=20)
-                time.sleep(1)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                pass
-        import shutil
-
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_ray_head(node, temp)

@@ -118,6 +118,7 @@ def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
     assert row["degenerate_runs"] == "1" and float(row["matthews_correlation_median"]) == 0.0
 
 
+@pytest.mark.slow  # about 20 s on 2 cores; a SIGTERM mid-run in the default tier: test_resilience.py
 def test_interrupted_sweep_stops_its_runs_with_a_checkpoint(tiny_qwen, tmp_path):
     import os
     import signal

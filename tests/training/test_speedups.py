@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gluetune.files import installed_version
-from gluetune.training.speed.cpu import FastCpuDropout, lower_cpu_mmap_threshold, use_fast_cpu_dropout
+from gluetune.training.speed.cpu import FastCpuDropout, use_fast_cpu_dropout
 from gluetune.training.training_args import accelerator_settings
 
 
@@ -42,9 +42,47 @@ def test_swap_replaces_plain_dropout_only():
     assert use_fast_cpu_dropout(model) == 0
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_the_mmap_threshold_applies_on_glibc():
-    assert lower_cpu_mmap_threshold() is True
+# A run's batches as glibc sees them: the longest so far (30 MB) raised its mmap threshold, then batches
+# of new shapes (dynamic padding), each freed in turn, with something smaller outliving each. Run in a
+# process of its own: mallopt's threshold cannot be set back, and the test worker's heap stays as it was.
+HEAP_SCRIPT = """
+import torch
+from gluetune.training.speed.cpu import lower_cpu_mmap_threshold
+
+
+def retained_mb():
+    with open("/proc/self/statm") as statm:
+        before = int(statm.read().split()[1])
+    longest = torch.ones(30 * 2**18)
+    del longest
+    kept = []
+    for mb in range(4, 24):
+        batch = torch.ones(mb * 2**18)
+        kept.append(torch.ones(50_000))
+        del batch
+    with open("/proc/self/statm") as statm:
+        return (int(statm.read().split()[1]) - before) * 4096 / 2**20
+
+
+print(f"glibc {retained_mb():.1f}")
+print("applied", lower_cpu_mmap_threshold())
+print(f"limited {retained_mb():.1f}")
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's threshold is glibc's")
+def test_the_mmap_threshold_gives_freed_batches_back_to_the_system(tmp_path):
+    """What lower_cpu_mmap_threshold is for: with glibc's own thresholds the freed batches stay resident
+    (here 30 MB to 273 MB, the sum of the 20 batches, from run to run); with the 2 MB threshold each goes
+    back to the system when freed (what stays is at most the 4 MB of small tensors kept)."""
+    from conftest import run_cli
+
+    result = run_cli("-c", HEAP_SCRIPT, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(line.split() for line in result.stdout.splitlines())
+    assert figures["applied"] == "True"
+    assert float(figures["glibc"]) > 16, result.stdout  # what the limit is for happens here
+    assert float(figures["limited"]) < 6, result.stdout
 
 
 def test_accelerators_fall_back_with_a_notice_without_cuda():

@@ -189,16 +189,33 @@ def test_a_folder_read_back_builds_no_kv_cache(finished_tiny_run, tmp_path):
     assert json.loads((export / "config.json").read_text())["use_cache"] is False
 
 
-def test_gradient_checkpointing_trains_with_lora(tiny_qwen, tmp_path):
-    """With checkpointed blocks the LoRA weights must still get gradients (lora_B starts at zero and
-    moves only if they do), and train as without checkpointing."""
+def test_gradient_checkpointing_recomputes_each_block_and_trains_with_lora(tiny_qwen, tmp_path):
+    """training.gradient_checkpointing: every decoder block that runs forward in a training step runs
+    its insides again in the backward pass (its MLP is called twice per block call; once without
+    checkpointing), and the LoRA weights still get gradients (lora_B starts at zero and moves only
+    if they do) and train as without checkpointing."""
+    import torch
     from safetensors.torch import load_file
 
-    weights = {}
+    weights, calls = {}, {}
     for name, extra in (("gc", ["training.gradient_checkpointing=true"]), ("plain", [])):
-        overrides = tiny_overrides(tiny_qwen, tmp_path / name, train=32, evals=16) + ["peft.lora_dropout=0", *extra]
-        train(load_config(REFERENCE_CONFIG, overrides))
+        seen = calls[name] = {"Qwen2DecoderLayer": 0, "Qwen2MLP": 0}
+
+        def count(module, args, seen=seen):  # (before the call: a recomputation stops once it has what backward needs)
+            kind = type(module).__name__
+            if kind in seen and module.training and torch.is_grad_enabled():  # training steps, not evaluations
+                seen[kind] += 1
+
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+        try:
+            overrides = tiny_overrides(tiny_qwen, tmp_path / name, train=32, evals=16) + ["peft.lora_dropout=0", *extra]
+            train(load_config(REFERENCE_CONFIG, overrides))
+        finally:
+            hook.remove()
         weights[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    # 32 examples, 16 x 2: one optimizer step of two micro-batches through 2 blocks
+    assert calls["plain"] == {"Qwen2DecoderLayer": 4, "Qwen2MLP": 4}
+    assert calls["gc"] == {"Qwen2DecoderLayer": 4, "Qwen2MLP": 8}
     lora_b = [k for k in weights["gc"] if "lora_B" in k]
     assert lora_b and all(weights["gc"][k].abs().max() > 0 for k in lora_b)
     for key, value in weights["plain"].items():

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from ..errors import UserError, did_you_mean, one_line
+from ..files import installed_version
 from ..validation import check_value
 from .tasks import Task
 
@@ -196,7 +197,15 @@ _MACHINE_FLAGS = {"bf16": False, "fp16": False, "tf32": None, "use_liger_kernel"
 
 def check_trainer_kwargs(kwargs: dict[str, Any], source: str) -> None:
     """Let TrainingArguments judge the combination of values, before any model loads."""
+    if kwargs.get("deepspeed") and installed_version("deepspeed") is None:  # (TrainingArguments raises its own error)
+        raise UserError(f"{source}: training.deepspeed: the deepspeed package is not installed (pip install "
+                        "deepspeed; it needs CUDA); configs/accelerate/fsdp.yaml shards without it")
     try:
         _offline_arguments_class()(**{**kwargs, **_MACHINE_FLAGS})
     except (ValueError, TypeError) as err:
         raise UserError(f"{source}: training: {one_line(err)}") from None
+    except OSError as err:  # a JSON file a value names (accelerator_config, fsdp_config, ...), read as it loads
+        keys = [key for key, value in kwargs.items() if isinstance(value, str) and value == err.filename]
+        raise UserError(f"{source}: training{'.' + keys[0] if keys else ''}: cannot read {err.filename!r} "
+                        f"({err.strerror or one_line(err)}); expected the path of a JSON file, or its settings "
+                        "inline") from None

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,12 @@ def parse_label(value: Any, task: Task, where: str, label_map: dict[str, int] | 
     """A label id (or a float for regression) from a file's label value."""
     if task.is_regression:
         try:
-            return float(value)
+            score = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{where}: label {value!r} is not a number (task '{task.name}' is regression)") from None
+        if not math.isfinite(score):  # a NaN or infinite target makes every loss after it NaN
+            raise UserError(f"{where}: label {value!r} is not a finite number (task '{task.name}' is regression)")
+        return score
     names = task.label_names
     if label_map is not None:
         if value in label_map:
@@ -166,7 +170,7 @@ def parse_label(value: Any, task: Task, where: str, label_map: dict[str, int] | 
         number = float(value)
         label = int(number)
         ok = number == label
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: 'inf')
         ok = False
     if ok and 0 <= label < len(names):
         return label
@@ -211,6 +215,12 @@ def read_glue_split(folder: Path, task: Task, split: str):
     text_idx = {col: index_of(columns[col]) for col in task.text_columns}
     idx_col = index_of(columns["idx"]) if "idx" in columns else None
     label_idx = None if is_test or layout.label is None else index_of(layout.label)
+    # A file without a header is read by position (CoLA: source, label, original label, sentence).
+    needed = 1 + max(i for i in (*text_idx.values(), idx_col, label_idx) if i is not None)
+    line, fields = rows[0]  # (read_delimited: every row as wide as the first)
+    if len(fields) < needed:
+        raise UserError(f"{path}:{line}: {len(fields)} fields; task '{task.name}' reads {needed} from its {split} file "
+                        f"({layout.dir_name}/{layout.files[split]} as GLUE ships it)")
     out: dict[str, list] = {c: [] for c in (*task.text_columns, "label", "idx")}
     for row_number, (line, fields) in enumerate(rows):
         for col, i in text_idx.items():
@@ -219,8 +229,16 @@ def read_glue_split(folder: Path, task: Task, split: str):
             out["label"].append(UNLABELED)
         else:
             out["label"].append(parse_label(fields[label_idx], task, f"{path}:{line}", layout.label_map))
-        out["idx"].append(int(fields[idx_col]) if idx_col is not None else row_number)
+        out["idx"].append(_index(fields[idx_col], f"{path}:{line}") if idx_col is not None else row_number)
     return _to_dataset(out, task)
+
+
+def _index(value: str, where: str) -> int:
+    """A test file's example index: the submission's row key."""
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{where}: index {value!r} is not an integer (a test example's number, for the submission)") from None
 
 
 def read_data_file(path: str | os.PathLike, task: Task, label_column: str = "label", labeled: bool = True):

@@ -39,6 +39,13 @@ PASSED_ENV = re.compile(r"^(PYTHONPATH|GLUE_DIR|HF_.*|TRANSFORMERS_.*|GLUETUNE_.
 INTERRUPTED_FILENAME = ".interrupted"  # written by the command on Ctrl-C/SIGTERM: its trials stop unpruned
 # Ray Tune restores an experiment as it was started (Tuner.restore takes no new TuneConfig).
 _RESTORED_AS_STARTED = ("trials", "jobs", "pruner", "startup_trials", "prune_after")
+# Connecting to an existing cluster, bounded. Ray 2.60 tries its GCS 20 times, each try up to 40 s where
+# nothing answers (about 14 minutes of silence for a cluster that is not there), 1 s apart where the
+# cluster refuses the token (20 s). gluetune first opens the address itself (CONNECT_TIMEOUT_S), then
+# gives Ray RAY_CONNECT_TRIES tries (its own TRIES_ENV, read by ray._private.node; a value the user set wins).
+CONNECT_TIMEOUT_S = 10
+RAY_CONNECT_TRIES = 5
+TRIES_ENV = "RAY_gcs_server_port_wait_time_s"
 
 
 def require_ray():
@@ -60,6 +67,11 @@ def connect(address: str | None):
     from ray.exceptions import AuthenticationError
 
     address = address or os.environ.get("RAY_ADDRESS")
+    ours = False
+    if address not in (None, "", "auto", "local"):  # an existing cluster (a local one starts its own, slower)
+        _check_reachable(address)
+        ours = TRIES_ENV not in os.environ
+        os.environ.setdefault(TRIES_ENV, str(RAY_CONNECT_TRIES))
     try:
         ray.init(address=address, runtime_env={"env_vars": passed_env()}, log_to_driver=False,
                  logging_level=logging.WARNING)
@@ -81,7 +93,25 @@ def connect(address: str | None):
         raise UserError(f"the Ray cluster at {address} asks for its token ({one_line(err)}); set "
                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, "
                         "which `ray get-auth-token` prints on the head node") from None
+    finally:
+        if ours:
+            os.environ.pop(TRIES_ENV, None)
     return ray.cluster_resources()
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse at once, naming the address, a cluster address where nothing accepts a connection."""
+    import socket
+
+    host, _, port = address.rpartition("://")[2].rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray reads itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or f"no answer in {CONNECT_TIMEOUT_S} s"
+        raise UserError(f"cannot reach the Ray cluster at {address} (connecting: {reason}); start one with "
+                        "`ray start --head`, or give its address with --address / RAY_ADDRESS") from None
 
 
 def _refused_token(err: BaseException) -> bool:

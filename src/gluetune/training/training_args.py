@@ -96,9 +96,6 @@ def training_arguments(config: RunConfig, quiet: bool = False, precision: str | 
     accelerators, more = accelerator_settings(kwargs, cuda_available())
     kwargs.update(precision)
     kwargs.update(accelerators)
-    if kwargs.get("deepspeed") and not has_module("deepspeed"):
-        raise UserError(f"{config.source}: training.deepspeed: the deepspeed package is not installed (pip install "
-                        "deepspeed; it needs CUDA); configs/accelerate/fsdp.yaml shards without it")
     kwargs["report_to"], _ = reporting(kwargs.get("report_to"))
     kwargs["disable_tqdm"] = True  # progress.ConsoleProgress shows progress instead
     kwargs.update(fastpath.argument_changes(config, kwargs, cuda_available()))
