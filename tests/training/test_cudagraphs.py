@@ -89,8 +89,8 @@ def test_capture_steps_and_evaluation_share_one_autocast(tiny_qwen, tmp_path, mo
     def graphs() -> int:
         return counters["stats"]["unique_graphs"]
 
-    monkeypatch.setattr(machine, "native_bf16", lambda: True)
-    monkeypatch.setattr(machine, "check_cuda_graphs", lambda config, args: None)  # this machine has no CUDA
+    monkeypatch.setattr(training_args, "native_bf16", lambda: True)
+    monkeypatch.setattr(training_args, "check_cuda_graphs", lambda config, args: None)  # this machine has no CUDA
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, **kwargs, backend="eager"))
     counted, plan, captured, autocasts = {}, [], [], set()
