@@ -285,7 +285,10 @@ def test_ray_search_stops_a_hopeless_trial_early_and_finishes(tiny_qwen, keyword
     address, env = ray_node
     search_dir = tmp_path / "search"
     space = write_space(tmp_path / "space.yaml", [0.005, 0.0])
-    args = search_args(tiny_qwen, keyword_task, space, search_dir, 2, 3, "--engine", "ray", "--address", address,
+    # 9 epochs of 8 steps (ASHA's rungs at evaluations 1, 3 and 9): the scheduler's stop (a poll, Ray's
+    # round trip, then a signal) must land before the run has finished by itself; with 3 epochs a busy
+    # CI machine let the hopeless trial finish first (CI, 2026-12-07)
+    args = search_args(tiny_qwen, keyword_task, space, search_dir, 2, 9, "--engine", "ray", "--address", address,
                        "--pruner", "halving", "--jobs", "1")
     # An impossible GPU request is refused against the cluster's resources, not waited for.
     refused = run_cli(*args, "--gpus_per_trial", "1", env=env, timeout=300)
@@ -296,7 +299,7 @@ def test_ray_search_stops_a_hopeless_trial_early_and_finishes(tiny_qwen, keyword
     assert len(record(search_dir, 1)["curve"]) == 1
     assert "stopped early by Ray Tune's halving scheduler after evaluation 1" in (
         search_dir / "trials" / "trial-1" / "train.log").read_text()
-    assert (search_dir / "best_config.yaml").is_file() and "| 0 **(best)** | complete | 1.0000 | 3 |" in result.stdout
+    assert (search_dir / "best_config.yaml").is_file() and "| 0 **(best)** | complete | 1.0000 | 9 |" in result.stdout
 
 
 def test_bad_confirm_seeds_are_named_as_such(tmp_path, capsys):
