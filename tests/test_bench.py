@@ -3,8 +3,42 @@ decoder one compares two decoders in --smoke and reuses finished sweeps."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import ROOT, run_cli
+
+
+@pytest.fixture
+def flops(monkeypatch):
+    """bench/flops.py, imported as the bench scripts import it (from bench/)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.delitem(sys.modules, "flops", raising=False)
+    monkeypatch.delitem(sys.modules, "machine", raising=False)
+    import flops
+
+    return flops
+
+
+def fake_cpu(monkeypatch, flops, flags: str, vendor: str = "GenuineIntel", family: str = "6", cores: int = 2):
+    info = {"flags": flags, "vendor_id": vendor, "cpu family": family}
+    monkeypatch.setattr(flops, "cpu_info", lambda field: info.get(field, ""))
+    monkeypatch.setattr(flops, "clock_ghz", lambda: 2.6)
+    monkeypatch.setattr(flops.os, "cpu_count", lambda: cores)
+
+
+def test_the_peak_is_the_amx_tiles_for_bf16_where_the_cpu_has_them(flops, monkeypatch):
+    """On an AMX CPU bf16 matrix multiplies run on the tiles (1,024 FLOP per cycle per core), not on
+    AVX-512 (128): "percent of peak" must be of the unit that does the work."""
+    fake_cpu(monkeypatch, flops, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    peak, how = flops.peak_gflops("bf16")
+    assert peak == pytest.approx(2 * 2.6 * 1024) and "AMX" in how and "1024 FLOP/cycle" in how
+    assert flops.peak_gflops("fp32") == (pytest.approx(2 * 2.6 * 64), "2 cores x 2.60 GHz x 64 FLOP/cycle: 2 FMA pipes "
+                                                                     "of 16 fp32 lanes")
+    fake_cpu(monkeypatch, flops, "avx2 avx512f avx512_bf16")  # AVX512-BF16 without AMX (e.g. AMD EPYC Zen 4)
+    assert flops.peak_gflops("bf16")[0] == pytest.approx(2 * 2.6 * 128)
+    fake_cpu(monkeypatch, flops, "avx2 avx512f avx512_bf16", vendor="AuthenticAMD", family="25")
+    assert flops.peak_gflops("bf16")[0] == pytest.approx(2 * 2.6 * 64)  # 256-bit pipes before Zen 5
 
 
 def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
