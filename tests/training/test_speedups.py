@@ -54,3 +54,60 @@ def test_accelerators_fall_back_with_a_notice_without_cuda():
     assert settings == {"use_liger_kernel": False, **({} if bnb_here else {"optim": "adamw_torch"})}
     assert len(notices) == 2 and all("\n" not in n for n in notices)
     assert ("not paged" if bnb_here else "not installed") in notices[1]
+
+
+def _tiny_lora_bert(dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    model = BertForSequenceClassification(config).to(torch.bfloat16)  # the frozen base in bf16, as a bf16 run holds it
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=r".*encoder.*(query|key|value|dense)",
+                      modules_to_save=["classifier"])
+    model = get_peft_model(model, lora)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # what trains is held in fp32 (model.precision)
+    return model
+
+
+def _train_and_count_casts(model, steps: int = 3) -> tuple[list[torch.Tensor], int]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                CountCasts.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(1, 100, (4, 7), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, 5:] = 0
+        with CountCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 1, 0])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad], CountCasts.casts
+
+
+def test_lora_layers_skip_the_input_round_trip_and_learn_the_same_to_the_bit():
+    """Under bf16 autocast, a LoRA layer without peft's cast of its input to fp32 (and autocast's back)
+    trains to the very same weights, with fewer copies: the run learns the same, only faster."""
+    from gluetune.training.speed.lora import skip_lora_input_casts
+
+    plain, skipping = _tiny_lora_bert(0.0), _tiny_lora_bert(0.0)
+    assert skip_lora_input_casts(skipping) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    expected, plain_casts = _train_and_count_casts(plain)
+    got, fewer_casts = _train_and_count_casts(skipping)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert fewer_casts < plain_casts
+    assert skip_lora_input_casts(_tiny_lora_bert(0.1)) == 0  # with adapter dropout the round trip rounds: kept
