@@ -4,6 +4,7 @@ import platform
 
 import pytest
 import torch
+from conftest import REFERENCE_CONFIG, tiny_overrides
 from torch import nn
 
 from gluetune.files import installed_version
@@ -15,7 +16,11 @@ def test_fast_dropout_keeps_one_minus_p_and_scales_like_dropout():
     torch.manual_seed(0)
     dropout = FastCpuDropout(0.1).train()
     x = torch.ones(64, 40, 384, requires_grad=True)
-    y = dropout(x)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x)
+    # the backward keeps the 1-byte mask only (and the scale as a number), not a float copy of it or of x
+    assert [t.dtype for t in saved if t.numel() > 1] == [torch.bool]
     kept = y > 0
     assert abs(kept.float().mean().item() - 0.9) < 0.003
     assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
@@ -111,3 +116,63 @@ def test_lora_layers_skip_the_input_round_trip_and_learn_the_same_to_the_bit():
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     assert fewer_casts < plain_casts
     assert skip_lora_input_casts(_tiny_lora_bert(0.1)) == 0  # with adapter dropout the round trip rounds: kept
+
+
+def test_module_walk_shortcuts_answer_as_the_walks_do():
+    """speed.walks on a small model: train() returns at once when every module is in the mode asked (and
+    walks when one is not, whoever changed it), parameters() gives the same weights in the same order;
+    removed, the model is as it was."""
+    from gluetune.training.speed.walks import FewerModuleWalks
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.2)))
+    expected = list(model.parameters())
+    shortcuts = FewerModuleWalks()
+    shortcuts.install(model)
+    walks = []
+    model[2].train = lambda mode=True: walks.append(mode) or nn.Module.train(model[2], mode)
+    assert model.train() is model and walks == []  # all in training mode already: no walk
+    model[2][1].eval()  # a submodule switched by someone else: the next train() walks
+    model.train()
+    assert walks == [True] and all(m.training for m in model.modules())
+    model.eval()
+    assert walks == [True, False] and not any(m.training for m in model.modules())
+    assert list(model.parameters()) == expected and list(model.parameters(recurse=False)) == []
+    shortcuts.remove()
+    assert "train" not in model.__dict__ and "parameters" not in model.__dict__ and list(model.parameters()) == expected
+
+
+@pytest.mark.slow
+def test_the_steps_walk_the_module_tree_only_where_a_mode_changes(tiny_qwen, tmp_path, monkeypatch):
+    """The Trainer's model.train() per micro-batch and model.parameters() per step (clipping, zero_grad)
+    answered without walking every module (speed.walks): far fewer walks over 2 epochs with their
+    evaluations (train/eval switches), and the very same trained weights as with the walks."""
+    from gluetune.config.run import load_config
+    from gluetune.training.run import train
+    from gluetune.training.speed import walks
+
+    calls = {"train": 0, "parameters": 0}
+    walk_train, walk_parameters = nn.Module.train, nn.Module.parameters
+
+    def counted(name, method):
+        def count(self, *args, **kwargs):
+            calls[name] += 1
+            return method(self, *args, **kwargs)
+        return count
+
+    monkeypatch.setattr(nn.Module, "train", counted("train", walk_train))
+    monkeypatch.setattr(nn.Module, "parameters", counted("parameters", walk_parameters))
+
+    def run(name: str) -> tuple[list[torch.Tensor], dict, int]:
+        calls.update(train=0, parameters=0)
+        overrides = tiny_overrides(tiny_qwen, tmp_path / name, train=96, evals=16, epochs=2)
+        model = train(load_config(REFERENCE_CONFIG, overrides)).model
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad], dict(calls), len(list(model.modules()))
+
+    fewer, fewer_calls, modules = run("shortcuts")
+    monkeypatch.setattr(walks.FewerModuleWalks, "install", lambda self, model: None)
+    walked, walked_calls, _ = run("walks")
+    assert all(torch.equal(a, b) for a, b in zip(fewer, walked, strict=True))
+    # 6 steps of 16 x 2: each of the 12 micro-batches walked every module's train(); with the shortcut only
+    # the first after each evaluation does. parameters(): twice per step, now never during the steps.
+    assert fewer_calls["train"] <= walked_calls["train"] - 10 * modules, (fewer_calls, walked_calls, modules)
+    assert fewer_calls["parameters"] <= walked_calls["parameters"] - 2 * 6, (fewer_calls, walked_calls)
