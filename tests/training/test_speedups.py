@@ -176,3 +176,35 @@ def test_the_steps_walk_the_module_tree_only_where_a_mode_changes(tiny_qwen, tmp
     # the first after each evaluation does. parameters(): twice per step, now never during the steps.
     assert fewer_calls["train"] <= walked_calls["train"] - 10 * modules, (fewer_calls, walked_calls, modules)
     assert fewer_calls["parameters"] <= walked_calls["parameters"] - 2 * 6, (fewer_calls, walked_calls)
+
+
+def test_adamw_on_the_cpu_updates_all_weights_at_once_to_the_same_bits(tmp_path):
+    """torch's AdamW on the CPU loops over the weights in Python unless asked for `foreach`; gluetune asks
+    (GluetuneTrainer.get_optimizer_cls_and_kwargs): the same updates to the bit, with weight decay and a
+    changing learning rate, over weights of many shapes and gradients of many scales."""
+    from transformers import TrainingArguments
+
+    from gluetune.training.trainer import GluetuneTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", weight_decay=0.01, use_cpu=True,
+                             report_to="none")
+    optimizer_cls, kwargs = GluetuneTrainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_cls is torch.optim.AdamW and kwargs["foreach"] is True
+    fused = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch_fused", use_cpu=True, report_to="none")
+    assert "foreach" not in GluetuneTrainer.get_optimizer_cls_and_kwargs(fused)[1]
+
+    torch.manual_seed(0)
+    start = [torch.randn(*shape) for shape in [(64, 32), (32,), (1,), (8, 384), (2, 3, 5)]]
+    results = []
+    for foreach in (False, True):
+        weights = [w.clone().requires_grad_() for w in start]
+        optimizer = optimizer_cls(weights, lr=3e-4, weight_decay=0.01, foreach=foreach)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1, (step + 1) / 10) * (1 - step / 200))
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(100):
+            for w in weights:
+                w.grad = torch.randn(w.shape, generator=generator) * 10.0 ** torch.randint(-6, 3, (1,), generator=generator).item()
+            optimizer.step()
+            schedule.step()
+        results.append(weights)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

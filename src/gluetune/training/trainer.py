@@ -212,6 +212,17 @@ class GluetuneTrainer(Trainer):
 
     # ---------------------------------------------------------------- optimizer
 
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        # torch's AdamW updates weights one at a time in a Python loop unless told `foreach` (its default
+        # only where every weight is on a GPU): on the CPU that loop was host work every step, for the
+        # same arithmetic (the foreach kernels give the same weights to the bit; tested).
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if (optimizer_cls is torch.optim.AdamW and args.use_cpu and not optimizer_kwargs.get("fused")
+                and optimizer_kwargs.get("foreach") is None):
+            optimizer_kwargs = {**optimizer_kwargs, "foreach": True}
+        return optimizer_cls, optimizer_kwargs
+
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
         groups = self.parameter_groups(opt_model) if self.parameter_groups and self.optimizer is None else None
