@@ -85,12 +85,31 @@ def test_gpu_bench_stops_at_a_failing_probe_before_the_long_runs():
 
 @pytest.mark.slow
 def test_host_overhead_bench_prints_its_table_and_profile():
-    result = run_cli("bench/host_overhead.py", "--examples", "736", "--epochs", "1", "--only", "plain", "--only", "baseline")
+    result = run_cli("bench/host_overhead.py", "--examples", "736", "--epochs", "1", "--rounds", "2", "--only", "plain",
+                     "--only", "baseline")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("round ")] == ["round 1", "round 2"]
     rows = {line[:26].strip(): line[26:].split() for line in result.stdout.splitlines() if "gluetune (plain" in line[:26]
             or "Trainer + PEFT" in line[:26]}
-    assert rows["Trainer + PEFT baseline"][3] == "1.00" and float(rows["gluetune (plain path)"][1]) > 0, result.stdout
+    # steps, steps/s (median of the rounds), its min-max, ms/step, x baseline (median of the rounds' ratios), min-max
+    assert rows["Trainer + PEFT baseline"][4] == "1.00" and float(rows["gluetune (plain path)"][1]) > 0, result.stdout
+    low, high = map(float, rows["gluetune (plain path)"][2].split("-"))
+    assert low <= float(rows["gluetune (plain path)"][1]) <= high
     assert "ms of profiled host time per step" in result.stdout
+
+
+def test_host_overhead_bench_runs_gluetune_trees_of_the_older_flat_layout(tmp_path):
+    """--src on an old tree: gluetune.config / gluetune.training were modules before they were packages."""
+    package = tmp_path / "src" / "gluetune"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text("def load_config(path, overrides=None):\n    return 'flat config'\n")
+    (package / "training.py").write_text("def train(config):\n    return 'flat train'\n")
+    code = ("import sys; sys.path.insert(0, 'bench'); import host_overhead as h; load, train, config = h.gluetune_entry_points(); "
+            "print(load(None), '|', train(None), '|', config == h.CONFIG)")
+    result = run_cli("-c", code, env={"PYTHONPATH": str(tmp_path / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "flat config | flat train | True"  # no configs/ in that tree: ours
 
 
 @pytest.mark.slow
