@@ -156,10 +156,9 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
     if epochs is not None:
         overrides.append(f"training.num_train_epochs={epochs}")
     config = load_config(CONFIG, overrides)
-    if config.training.get("cpu_mmap_threshold", True):  # what `gluetune train` does on a CPU (cli.run_train)
-        from gluetune.training.speed.cpu import lower_cpu_mmap_threshold
+    from gluetune.training.speed.cpu import prepare_cpu_process
 
-        lower_cpu_mmap_threshold()
+    prepare_cpu_process(config.training)  # what `gluetune train` does on a CPU (cli.run_train)
     outcome = train(config)
     metrics = outcome.metrics
     epochs_run = metrics["train"]["epochs"]

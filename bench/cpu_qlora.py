@@ -34,14 +34,14 @@ RUNS = {"full": [], "4bit": ["model.quantization=4bit", "training.optim=paged_ad
 def one_run(name: str, glue_dir: Path, train_samples: int | None, epochs: float, seed: int, out: Path) -> dict:
     from gluetune.config.run import load_config
     from gluetune.training.run import train
-    from gluetune.training.speed.cpu import lower_cpu_mmap_threshold
+    from gluetune.training.speed.cpu import prepare_cpu_process
 
     overrides = [f"dataset.data_dir={glue_dir}", f"training.output_dir={out}", f"training.num_train_epochs={epochs}",
                  f"training.seed={seed}", "training.report_to=none", *RUNS[name]]
     if train_samples:
         overrides.append(f"dataset.max_train_samples={train_samples}")
     config = load_config(CONFIG, overrides)
-    lower_cpu_mmap_threshold()  # what `gluetune train` does on a CPU (cli.run_train)
+    prepare_cpu_process(config.training)  # what `gluetune train` does on a CPU (cli.run_train)
     metrics = train(config).metrics
     return {"train_s": metrics["train"]["runtime_s"], "samples_per_s": metrics["train"]["samples_per_second"],
             "mcc": metrics["validation"]["matthews_correlation"], "accuracy": metrics["validation"]["accuracy"],

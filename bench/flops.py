@@ -65,17 +65,32 @@ def clock_ghz() -> float | None:
     return max(speeds) / 1000 if speeds else None
 
 
+# Intel AMX (Sapphire Rapids and later): one tile multiply unit (TMUL) per core; TDPBF16PS multiplies a
+# 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 fp32 sums (8,192 multiply-adds, 16,384 FLOP) and
+# issues one every 16 cycles: 1,024 bf16 FLOP per cycle per core. Intel states the same rate ("1024
+# BF16 operations per cycle" per core for 4th Gen Xeon Scalable: Intel AMX product brief and the
+# Intel 64 and IA-32 Architectures Optimization Reference Manual, chapter "Intel Advanced Matrix
+# Extensions"); en.wikipedia.org/wiki/Advanced_Matrix_Extensions cites both.
+AMX_BF16_FLOP_PER_CYCLE = 1024
+
+
 def peak_gflops(dtype: str) -> tuple[float | None, str]:
     """An estimate of this CPU's peak for `dtype` (fp32, bf16) over all its cores, and how it was made:
-    cores x clock x FLOPs a core issues per cycle: two FMA pipes (2 FLOPs per lane) of 16 fp32 lanes
-    with AVX-512 (8 on AMD before Zen 5, which runs AVX-512 on 256-bit pipes, and with AVX2); AVX512-BF16
-    dot products do twice the fp32 work per lane. Turbo clocks above the nominal one are not counted."""
+    cores x clock x FLOPs a core issues per cycle. Vector units: two FMA pipes (2 FLOPs per lane) of 16
+    fp32 lanes with AVX-512 (8 on AMD before Zen 5, which runs AVX-512 on 256-bit pipes, and with AVX2);
+    AVX512-BF16 dot products do twice the fp32 work per lane. bf16 on a CPU with AMX (`amx_bf16`): the
+    tile unit's rate above, which is what oneDNN's bf16 matrix multiplies run on there. Turbo clocks above
+    the nominal one are not counted."""
     flags, ghz, cores = set(cpu_info("flags").split()), clock_ghz(), os.cpu_count() or 1
     if ghz is None:
         return None, "clock unknown"
+    if dtype == "bf16" and "amx_bf16" in flags:
+        return cores * ghz * AMX_BF16_FLOP_PER_CYCLE, (
+            f"{cores} cores x {ghz:.2f} GHz x {AMX_BF16_FLOP_PER_CYCLE} FLOP/cycle: AMX tiles, one 16x32 by 32x16 "
+            "bf16 tile product (16,384 FLOP) per 16 cycles per core")
     amd_256 = cpu_info("vendor_id") == "AuthenticAMD" and int(cpu_info("cpu family") or 0) < 26
     lanes = 16 if "avx512f" in flags and not amd_256 else 8 if "avx2" in flags or "avx512f" in flags else 4
-    bf16 = dtype == "bf16" and bool(flags & {"avx512_bf16", "amx_bf16"})
+    bf16 = dtype == "bf16" and "avx512_bf16" in flags
     per_cycle = 2 * 2 * lanes * (2 if bf16 else 1)
     return cores * ghz * per_cycle, (f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle: 2 FMA pipes of {lanes} "
                                      f"fp32 lanes{', BF16 dot products' if bf16 else ''}")

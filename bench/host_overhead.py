@@ -6,19 +6,23 @@ run's settings (LoRA r 8 on q/k/v/o, batch 32 an optimizer step as 16 x 2), a fe
 steps with no evaluation or checkpoint in the timed window. The model's arithmetic is negligible, so
 what is timed is what a step costs the host: data loading and collation, the Trainer's loop, the
 callbacks, the optimizer. On a GPU that host work is the whole step (docs/performance.md). Three
-contenders, each in its own process:
+contenders, each in its own process, one process at a time:
 
 - gluetune, plain path (configs/glue_cola_qwen.yaml as shipped);
 - gluetune, fast path (`training.fast_path=true`: 32 x 1 in padded buckets, compiled layers);
 - plain Trainer + PEFT, as gluetune's GPU benchmark runs it (dynamic padding, default sampler).
 
-It prints optimizer steps/s (steady state: the first 10 and the last 11 steps are left out) and the
-ratio to the baseline, then the top entries of a cProfile of gluetune's plain path and of the baseline over the 10
-steps before the last. `--src DIR` times the plain path of another gluetune source tree instead of this
-one's, to find when a slowdown came in:
+A shared machine's speed drifts by tens of percent from minute to minute, so the contenders run in
+rounds (`--rounds`, 3 by default), each round every contender once, the order rotated from round to
+round; a contender's figure is the median of its rounds with their spread (min-max), and its ratio to
+the baseline is the median of the per-round ratios (each against the baseline of the same round). A
+round's figure is optimizer steps/s in the steady state: the first 10 and the last 11 steps left out.
+Then the top entries of a cProfile of gluetune's plain path and of the baseline (last round, the 10
+steps before the last, outside the timed window). `--src DIR` times the gluetune contenders from
+another source tree (older layouts included), to find when a slowdown came in:
 
     python bench/host_overhead.py
-    git archive eaa228a src | tar -x -C /tmp/old && python bench/host_overhead.py --src /tmp/old/src --only plain
+    git archive eaa228a src configs | tar -x -C /tmp/old && python bench/host_overhead.py --src /tmp/old/src --only plain
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import os
 import platform
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,17 +116,30 @@ def with_clock(clock: StepClock) -> None:
     Trainer.train = timed_train
 
 
-def run_gluetune(model: Path, glue_dir: Path, out: Path, examples: int, epochs: int, fast: bool) -> None:
-    from gluetune.config.run import load_config
-    from gluetune.training.run import train
+def gluetune_entry_points():
+    """(load_config, train, the tree's own reference config) of the gluetune on the path, in this layout
+    (config/, training/ packages) or the older flat one (gluetune.config, gluetune.training modules)."""
+    import gluetune
 
+    try:
+        from gluetune.config.run import load_config
+        from gluetune.training.run import train
+    except ImportError:
+        from gluetune.config import load_config
+        from gluetune.training import train
+    own = Path(gluetune.__file__).resolve().parents[2] / "configs" / CONFIG.name
+    return load_config, train, own if own.is_file() else CONFIG
+
+
+def run_gluetune(model: Path, glue_dir: Path, out: Path, examples: int, epochs: int, fast: bool) -> None:
+    load_config, train, config = gluetune_entry_points()
     overrides = [f"model.name_or_path={model}", f"dataset.data_dir={glue_dir}", f"training.output_dir={out}",
                  f"dataset.max_train_samples={examples}", "dataset.max_eval_samples=64",
                  f"training.num_train_epochs={epochs}", "training.eval_strategy=no", "training.save_strategy=no",
                  "training.load_best_model_at_end=false", "training.report_to=none", "training.bf16=false"]
     if fast:
         overrides.append("training.fast_path=true")
-    train(load_config(CONFIG, overrides))
+    train(load_config(config, overrides))
 
 
 def run_baseline(model: Path, glue_dir: Path, out: Path, examples: int, epochs: int) -> None:
@@ -159,15 +177,42 @@ def child(args) -> None:
     # One thread: the tiny model needs no parallel arithmetic, and a thread pool's hand-offs would add
     # the machine's scheduling noise to the host work this measures.
     torch.set_num_threads(1)
-    clock = StepClock(profile=args.contender != "fast")  # the fast path's compiled code hides from cProfile
+    clock = StepClock(profile=args.profile and args.contender != "fast")  # compiled code hides from cProfile
     with_clock(clock)
-    out = Path(tempfile.mkdtemp(prefix=f"host-overhead-{args.contender}-"))
-    if args.contender == "baseline":
-        run_baseline(Path(args.model), Path(args.glue_dir), out, args.examples, args.epochs)
-    else:
-        run_gluetune(Path(args.model), Path(args.glue_dir), out, args.examples, args.epochs, args.contender == "fast")
+    with tempfile.TemporaryDirectory(prefix=f"host-overhead-{args.contender}-") as out:
+        if args.contender == "baseline":
+            run_baseline(Path(args.model), Path(args.glue_dir), Path(out), args.examples, args.epochs)
+        else:
+            run_gluetune(Path(args.model), Path(args.glue_dir), Path(out) / "run", args.examples, args.epochs,
+                         args.contender == "fast")
     print(json.dumps({"steps": len(clock.ends), "steps_per_s": clock.steps_per_s(),
                       "profile": clock.top(args.top) if clock.profiler else []}))
+
+
+def run_once(name: str, args, model: Path, src: Path, tmp: str, profile: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
+           "--examples", str(args.examples), "--epochs", str(args.epochs), "--top", str(args.top)]
+    if profile:
+        cmd.append("--profile")
+    gluetune_src = src if name != "baseline" else ROOT / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(gluetune_src), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+    started = time.perf_counter()
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"{CONTENDERS[name]}: failed\n{result.stderr[-3000:]}", flush=True)
+        return None
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["process_s"] = time.perf_counter() - started
+    return report
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else "-"
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
 
 
 def main() -> None:
@@ -176,11 +221,13 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(SHARED / "assets" / "qwen2.5-tokenizer"))
     parser.add_argument("--examples", type=int, default=4800, help="CoLA training sentences (4800 x 2 epochs: 300 steps)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every contender once, alternating")
     parser.add_argument("--only", action="append", choices=list(CONTENDERS), help="time these contenders only")
     parser.add_argument("--src", help="the gluetune source tree the gluetune contenders import (default: this one's)")
     parser.add_argument("--top", type=int, default=15, help="profile entries to print")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contender:
         return child(args)
@@ -191,34 +238,40 @@ def main() -> None:
     from machine import cpu_name
 
     src = Path(args.src).resolve() if args.src else ROOT / "src"
+    names = [name for name in CONTENDERS if name in (args.only or CONTENDERS)]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} (1 thread per contender), "
-          f"python {platform.python_version()}; gluetune from {src}", flush=True)
+          f"python {platform.python_version()}; gluetune from {src}; load average at start {load()}", flush=True)
     print(f"tiny Qwen2 (2 layers, 32 wide), real CoLA: {args.examples} sentences x {args.epochs} epochs, batch 32 a step; "
-          f"steps/s after the first {WARMUP_STEPS}", flush=True)
-    results = {}
+          f"steps/s after the first {WARMUP_STEPS}; {args.rounds} rounds, one process at a time, order rotated", flush=True)
+    rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_qwen(Path(tmp) / "model", Path(args.tokenizer))
-        for name in args.only or list(CONTENDERS):
-            cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
-                   "--examples", str(args.examples), "--epochs", str(args.epochs), "--top", str(args.top)]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
-                   "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
-            started = time.perf_counter()
-            result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-            if result.returncode != 0:
-                print(f"{CONTENDERS[name]}: failed\n{result.stderr[-3000:]}", flush=True)
-                continue
-            results[name] = json.loads(result.stdout.strip().splitlines()[-1])
-            results[name]["process_s"] = time.perf_counter() - started
-    base = results.get("baseline", {}).get("steps_per_s")
-    print(f"{'contender':26s} {'steps':>5s} {'steps/s':>8s} {'ms/step':>8s} {'x baseline':>10s} {'process_s':>9s}")
-    for name, r in results.items():
-        ratio = f"{r['steps_per_s'] / base:.2f}" if base else "-"
-        print(f"{CONTENDERS[name]:26s} {r['steps']:5d} {r['steps_per_s']:8.2f} {1000 / r['steps_per_s']:8.1f} {ratio:>10s} "
-              f"{r['process_s']:9.0f}")
-    for name, r in results.items():
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            results = {}
+            for name in order:
+                report = run_once(name, args, model, src, tmp, profile=r == args.rounds - 1)
+                if report is not None:
+                    results[name] = report
+            rounds.append(results)
+            print(f"round {r + 1}: " + ", ".join(f"{name} {results[name]['steps_per_s']:.2f}" for name in order
+                                                 if name in results) + f" steps/s; load average {load()}", flush=True)
+    print(f"{'contender':26s} {'steps':>5s} {'steps/s':>8s} {'min-max':>13s} {'ms/step':>8s} {'x baseline':>10s} "
+          f"{'min-max':>11s} {'process_s':>9s}")
+    for name in names:
+        mine = [r[name] for r in rounds if name in r]
+        if not mine:
+            continue
+        rates = [m["steps_per_s"] for m in mine]
+        ratios = [r[name]["steps_per_s"] / r["baseline"]["steps_per_s"] for r in rounds if name in r and "baseline" in r]
+        ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
+        print(f"{CONTENDERS[name]:26s} {mine[0]['steps']:5d} {statistics.median(rates):8.2f} {spread(rates):>13s} "
+              f"{1000 / statistics.median(rates):8.1f} {ratio:>10s} {spread(ratios) if ratios else '-':>11s} "
+              f"{statistics.median(m['process_s'] for m in mine):9.0f}")
+    for name, r in rounds[-1].items():
         if r["profile"]:
-            print(f"\ncProfile of {CONTENDERS[name]}, the {PROFILED_STEPS} steps before the last (not in the timed window):")
+            print(f"\ncProfile of {CONTENDERS[name]}, last round, the {PROFILED_STEPS} steps before the last (not in the "
+                  "timed window):")
             print("\n".join(r["profile"]))
 
 

@@ -4,8 +4,42 @@ decoders in --smoke and reuses finished sweeps."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import ROOT, run_cli
+
+
+@pytest.fixture
+def flops(monkeypatch):
+    """bench/flops.py, imported as the bench scripts import it (from bench/)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.delitem(sys.modules, "flops", raising=False)
+    monkeypatch.delitem(sys.modules, "machine", raising=False)
+    import flops
+
+    return flops
+
+
+def fake_cpu(monkeypatch, flops, flags: str, vendor: str = "GenuineIntel", family: str = "6", cores: int = 2):
+    info = {"flags": flags, "vendor_id": vendor, "cpu family": family}
+    monkeypatch.setattr(flops, "cpu_info", lambda field: info.get(field, ""))
+    monkeypatch.setattr(flops, "clock_ghz", lambda: 2.6)
+    monkeypatch.setattr(flops.os, "cpu_count", lambda: cores)
+
+
+def test_the_peak_is_the_amx_tiles_for_bf16_where_the_cpu_has_them(flops, monkeypatch):
+    """On an AMX CPU bf16 matrix multiplies run on the tiles (1,024 FLOP per cycle per core), not on
+    AVX-512 (128): "percent of peak" must be of the unit that does the work."""
+    fake_cpu(monkeypatch, flops, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    peak, how = flops.peak_gflops("bf16")
+    assert peak == pytest.approx(2 * 2.6 * 1024) and "AMX" in how and "1024 FLOP/cycle" in how
+    fp32, how = flops.peak_gflops("fp32")
+    assert fp32 == pytest.approx(2 * 2.6 * 64) and how == "2 cores x 2.60 GHz x 64 FLOP/cycle: 2 FMA pipes of 16 fp32 lanes"
+    fake_cpu(monkeypatch, flops, "avx2 avx512f avx512_bf16")  # AVX512-BF16 without AMX (e.g. AMD EPYC Zen 4)
+    assert flops.peak_gflops("bf16")[0] == pytest.approx(2 * 2.6 * 128)
+    fake_cpu(monkeypatch, flops, "avx2 avx512f avx512_bf16", vendor="AuthenticAMD", family="25")
+    assert flops.peak_gflops("bf16")[0] == pytest.approx(2 * 2.6 * 64)  # 256-bit pipes before Zen 5
 
 
 def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
@@ -53,12 +87,31 @@ def test_gpu_bench_stops_at_a_failing_probe_before_the_long_runs():
 
 @pytest.mark.slow
 def test_host_overhead_bench_prints_its_table_and_profile():
-    result = run_cli("bench/host_overhead.py", "--examples", "736", "--epochs", "1", "--only", "plain", "--only", "baseline")
+    result = run_cli("bench/host_overhead.py", "--examples", "736", "--epochs", "1", "--rounds", "2", "--only", "plain",
+                     "--only", "baseline")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("round ")] == ["round 1", "round 2"]
     rows = {line[:26].strip(): line[26:].split() for line in result.stdout.splitlines() if "gluetune (plain" in line[:26]
             or "Trainer + PEFT" in line[:26]}
-    assert rows["Trainer + PEFT baseline"][3] == "1.00" and float(rows["gluetune (plain path)"][1]) > 0, result.stdout
+    # steps, steps/s (median of the rounds), its min-max, ms/step, x baseline (median of the rounds' ratios), min-max
+    assert rows["Trainer + PEFT baseline"][4] == "1.00" and float(rows["gluetune (plain path)"][1]) > 0, result.stdout
+    low, high = map(float, rows["gluetune (plain path)"][2].split("-"))
+    assert low <= float(rows["gluetune (plain path)"][1]) <= high
     assert "ms of profiled host time per step" in result.stdout
+
+
+def test_host_overhead_bench_runs_gluetune_trees_of_the_older_flat_layout(tmp_path):
+    """--src on an old tree: gluetune.config / gluetune.training were modules before they were packages."""
+    package = tmp_path / "src" / "gluetune"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text("def load_config(path, overrides=None):\n    return 'flat config'\n")
+    (package / "training.py").write_text("def train(config):\n    return 'flat train'\n")
+    code = ("import sys; sys.path.insert(0, 'bench'); import host_overhead as h; load, train, config = h.gluetune_entry_points(); "
+            "print(load(None), '|', train(None), '|', config == h.CONFIG)")
+    result = run_cli("-c", code, env={"PYTHONPATH": str(tmp_path / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "flat config | flat train | True"  # no configs/ in that tree: ours
 
 
 @pytest.mark.slow

@@ -153,10 +153,10 @@ def run_train(args) -> int:
     import torch
 
     from .training.run import train
-    from .training.speed.cpu import lower_cpu_mmap_threshold
+    from .training.speed.cpu import prepare_cpu_process
 
-    if not torch.cuda.is_available() and config.training.get("cpu_mmap_threshold", True):
-        lower_cpu_mmap_threshold()  # process-wide: applied by the command, never by the library
+    if not torch.cuda.is_available():
+        prepare_cpu_process(config.training)  # process-wide: applied by the command, never by the library
     train(config)
     return 0
 

@@ -37,6 +37,7 @@ from .callbacks import CompleteLossLog, GracefulStop, LossWatch, RunTensorBoard,
 from .progress import ConsoleProgress
 from .speed import cudagraphs, fastpath
 from .speed.cpu import use_fast_cpu_dropout
+from .speed.lora import skip_lora_input_casts
 from .trainer import GluetuneTrainer
 from .training_args import (
     batch_factors,
@@ -172,6 +173,8 @@ def _load_model(config: RunConfig, args: TrainingArguments):
         logger.info("%s", models.describe_parameters(model))
     if not cuda_available() and config.training.get("fast_cpu_dropout", True):
         use_fast_cpu_dropout(model)
+    if precision_of(args) != "fp32":  # the run's forward passes are under autocast
+        skip_lora_input_casts(model)
     return tokenizer, model
 
 

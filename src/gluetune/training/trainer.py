@@ -12,7 +12,8 @@
   `optim_args`, fused and 8-bit variants all apply).
 - **No host-device sync per micro-batch**: a non-finite loss is noted on the device and checked
   where the Trainer syncs anyway (callbacks.LossWatch); the per-micro-batch FLOP count does not
-  walk every module.
+  walk every module, nor do the Trainer's per-step `model.train()` and `model.parameters()`
+  (speed.walks).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 from ..data.sampling import LengthGroupedBatches
 from ..errors import UserError
 from ..results import rundir
+from .speed.walks import FewerModuleWalks
 
 
 class GluetuneTrainer(Trainer):
@@ -63,6 +65,10 @@ class GluetuneTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.epoch_of_batches = _EpochOfBatches()
         self.add_callback(self.epoch_of_batches)
+        # FSDP and DeepSpeed register other weights around each step than those the steps began with
+        self.fewer_walks = None if self.is_fsdp_enabled or self.is_deepspeed_enabled else FewerModuleWalks()
+        if self.fewer_walks is not None:
+            self.add_callback(self.fewer_walks)
 
     def _build_accelerator_args(self, **kwargs):
         args = super()._build_accelerator_args(**kwargs)
@@ -160,6 +166,8 @@ class GluetuneTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
+            if self.fewer_walks is not None:
+                self.fewer_walks.remove()  # a run that raised ends without the Trainer's on_train_end
             # The graphs (and their memory pool) hold the trainer and it holds them: without this they
             # would live until the cycle is collected, through the final predictions and after.
             if self.graphed_steps is not None:
@@ -203,6 +211,17 @@ class GluetuneTrainer(Trainer):
         return self._flops_per_token * ids.numel()
 
     # ---------------------------------------------------------------- optimizer
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        # torch's AdamW updates weights one at a time in a Python loop unless told `foreach` (its default
+        # only where every weight is on a GPU): on the CPU that loop was host work every step, for the
+        # same arithmetic (the foreach kernels give the same weights to the bit; tested).
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if (optimizer_cls is torch.optim.AdamW and args.use_cpu and not optimizer_kwargs.get("fused")
+                and optimizer_kwargs.get("foreach") is None):
+            optimizer_kwargs = {**optimizer_kwargs, "foreach": True}
+        return optimizer_cls, optimizer_kwargs
 
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
