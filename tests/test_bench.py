@@ -49,6 +49,7 @@ def test_gpu_bench_without_cuda_says_so_and_exits_cleanly():
         assert "no CUDA device here" in result.stdout
 
 
+@pytest.mark.slow  # about 18 s on 2 cores
 def test_gpu_check_rehearses_on_the_cpu_every_check_that_runs_without_cuda():
     """bench/gpu_check.py --smoke, the GPU check's rehearsal: the plan's two buckets, the compiled graphs
     shared by the layers, the eager stand-in's capture, five "graphed" steps equal to five eager ones,
@@ -78,6 +79,7 @@ def test_gpu_bench_pipeline_on_a_tiny_model():
     assert len(per_epoch) == 2 and all(len(line.split("train_s")[1].split("|")[0].split()) == 1 for line in per_epoch)
 
 
+@pytest.mark.slow  # about 15 s on 2 cores
 def test_gpu_bench_stops_at_a_failing_probe_before_the_long_runs():
     result = run_cli("bench/gpu_qwen.py", "--smoke", "--epochs", "1", "--skip_baseline", "--set", "training.no_such_key=1")
     assert result.returncode == 1, result.stdout[-2000:]

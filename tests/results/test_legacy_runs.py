@@ -56,6 +56,7 @@ def test_a_legacy_run_exports_to_a_model_that_predicts_the_same(tmp_path):
         assert expected["output"] == f"label={label} probability={probabilities.max():.4f}"
 
 
+@pytest.mark.slow  # about 9 s; resuming after SIGTERM is in the default tier (training/test_resilience.py)
 def test_a_legacy_run_interrupted_by_sigterm_resumes_to_the_run_that_main_finished(tmp_path):
     """In a process of its own, as a user resumes it (the record keeps the command it ran with)."""
     folder = copy_of("interrupted", tmp_path)

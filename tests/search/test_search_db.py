@@ -72,6 +72,7 @@ def shared_study(postgres, tiny_qwen, keyword_task, tmp_path_factory):  # noqa: 
     return SimpleNamespace(url=url, args=args, first=first, folder=folder, studies=studies)
 
 
+@pytest.mark.slow  # a real server and two searches: about 23 s on 2 cores
 def test_a_second_machine_resumes_the_study_with_no_repeat_and_reports_it(shared_study):
     assert "| 0 **(best)** | complete | 1.0000 | 1 |" in shared_study.first.stdout
     assert [s["study_name"] for s in shared_study.studies] == ["gluetune-search"]  # served while it ran
@@ -96,6 +97,7 @@ def test_a_second_machine_resumes_the_study_with_no_repeat_and_reports_it(shared
     assert "| 0 **(best)** | complete |" in (machine_b / "report.md").read_text()
 
 
+@pytest.mark.slow  # shares the study of the test above
 def test_a_study_of_another_search_is_refused_naming_both(shared_study, postgres, tmp_path, capsys):
     from gluetune.cli import main
 

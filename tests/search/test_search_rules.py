@@ -19,6 +19,7 @@ from test_search import keyword_task, ray_node, record, search_args, study_state
 pytest.importorskip("optuna")
 
 
+@pytest.mark.slow  # about 27 s on 2 cores: three trial processes that each fail after their imports
 def test_a_search_whose_every_trial_fails_stops_with_the_last_error(tiny_qwen, keyword_task, tmp_path):  # noqa: F811
     search_dir = tmp_path / "search"
     args = search_args(tiny_qwen, keyword_task, write_space(tmp_path / "space.yaml", [0.005, 0.004]), search_dir, 20, 1,

@@ -198,6 +198,7 @@ def test_fsdp_config_wraps_the_decoder_layer(tiny_qwen, monkeypatch):
     assert plugin.fsdp_version == 2 and wrapped == {"Qwen2DecoderLayer"}
 
 
+@pytest.mark.slow  # two processes, about 14 s on 2 cores
 def test_torch_fsdp2_shards_and_saves_a_plain_peft_adapter_but_accelerate_shards_only_on_gpus(tiny_qwen,
                                                                                               tmp_path):
     """FSDP2 (torch's fully_shard, gloo) over two processes: the full state dict gathered from the
