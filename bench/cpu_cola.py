@@ -159,6 +159,7 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
     from gluetune.training.speed.cpu import prepare_cpu_process
 
     prepare_cpu_process(config.training)  # what `gluetune train` does on a CPU (cli.run_train)
+    epoch_peaks = peak_rss_at_each_epoch_end()
     outcome = train(config)
     metrics = outcome.metrics
     epochs_run = metrics["train"]["epochs"]
@@ -174,7 +175,24 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
                       eval_tokens=sum(lengths["validation"]) * len(metrics["history"]))
     return {"train_wall_s": metrics["train"]["runtime_s"], "train_samples": len(lengths["train"]) * epochs_run,
             "real_tokens": real_tokens * epochs_run, "mcc": metrics["validation"]["matthews_correlation"],
-            "gflop": flops / 1e9, "precision": metrics["precision"]}
+            "gflop": flops / 1e9, "precision": metrics["precision"], "epoch_peak_rss_gb": epoch_peaks}
+
+
+def peak_rss_at_each_epoch_end() -> list[float]:
+    """The process's peak RSS so far at the end of each training epoch (before its evaluation), in GB:
+    where memory grows epoch after epoch. Counted from the Trainer's callback handler, so the run's
+    own code is untouched."""
+    from transformers.trainer_callback import CallbackHandler
+
+    peaks: list[float] = []
+    on_epoch_end = CallbackHandler.on_epoch_end
+
+    def record(self, args, state, control):
+        peaks.append(round(peak_rss_gb(), 3))
+        return on_epoch_end(self, args, state, control)
+
+    CallbackHandler.on_epoch_end = record
+    return peaks
 
 
 # ---------------------------------------------------------------- driver
@@ -234,6 +252,8 @@ def main() -> None:
         mcc = f" mcc={r['mcc']:.4f}" if "mcc" in r else ""
         print(f"{label:38s} train_wall_s={r['train_wall_s']:.1f} samples/s={r['samples_per_s']:.1f} "
               f"real_tokens/s={r['real_tokens_per_s']:.0f} peak_rss_gb={r['peak_rss_gb']:.2f}{mcc}", flush=True)
+        if r.get("epoch_peak_rss_gb"):
+            print(f"{'':38s} peak RSS at each epoch's end (GB): {' '.join(f'{g:.2f}' for g in r['epoch_peak_rss_gb'])}")
     a, b, c = reports["runglue"], reports["dynamic"], reports["gluetune"]
     peak, how = peak_gflops(c["precision"])
     achieved = c["gflop"] / c["train_wall_s"]

@@ -47,6 +47,22 @@ def test_swap_replaces_plain_dropout_only():
     assert use_fast_cpu_dropout(model) == 0
 
 
+
+def test_the_command_bounds_ideeps_cache_unless_the_environment_sets_it(monkeypatch):
+    import os
+
+    from gluetune.training.speed import cpu
+
+    lowered = []
+    monkeypatch.setattr(cpu, "lower_cpu_mmap_threshold", lambda: lowered.append(True) or True)
+    monkeypatch.setenv(cpu.IDEEP_CACHE_ENV, "")
+    monkeypatch.delenv(cpu.IDEEP_CACHE_ENV)  # (undone to what it was before the test)
+    cpu.prepare_cpu_process({})
+    assert os.environ[cpu.IDEEP_CACHE_ENV] == "1" and lowered == [True]
+    monkeypatch.setenv(cpu.IDEEP_CACHE_ENV, "64")  # the user's own choice stays
+    cpu.prepare_cpu_process({"cpu_mmap_threshold": False})
+    assert os.environ[cpu.IDEEP_CACHE_ENV] == "64" and lowered == [True]
+
 # A run's batches as glibc sees them: the longest so far (30 MB) raised its mmap threshold, then batches
 # of new shapes (dynamic padding), each freed in turn, with something smaller outliving each. Run in a
 # process of its own: mallopt's threshold cannot be set back, and the test worker's heap stays as it was.
