@@ -144,13 +144,15 @@ def fail_on_leftover_processes(mark: str | None) -> bool:
 # The modules that take longest in the default tier (python -m pytest --durations=0), longest first.
 # xdist hands out whole modules (--dist loadscope) in collection order: begun first, the long ones do not
 # leave one worker finishing a long module alone while the other has nothing left (replayed on one run's
-# durations: 529 s per worker instead of 514 and 544). Order from the durations of main at bc4409e less
-# what moved to the slow tier.
+# durations: 529 s per worker instead of 514 and 544). Order from the durations of main at 39a11e0 less
+# what moved to the slow tier since (Intel Xeon, 2 cores).
 LONG_MODULES = ("search/test_sweep.py", "training/test_resilience.py", "training/test_fastpath.py",
-                "training/test_distributed.py", "results/test_submission.py", "training/test_train.py",
-                "search/test_search.py", "training/test_trust.py", "results/test_export.py",
-                "search/test_search_db.py", "search/test_search_rules.py", "model/test_decoder.py",
-                "model/test_gemma3.py", "model/test_qlora.py", "test_cli.py", "config/test_generated_input.py", "test_bench.py")
+                "model/test_gemma3.py", "training/test_train.py", "training/test_trust.py",
+                "results/test_submission.py", "results/test_export.py", "search/test_search.py",
+                "results/test_readback.py", "model/test_qlora.py", "training/test_cudagraphs.py",
+                "model/test_decoder.py", "test_cli.py", "results/test_legacy_runs.py", "config/test_generated_input.py",
+                "test_minilm.py", "model/test_provenance.py", "test_bench.py", "search/test_search_db.py",
+                "training/test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):

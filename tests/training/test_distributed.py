@@ -4,6 +4,7 @@ a SIGKILL of the whole job. FSDP: accelerate shards only on GPUs (on a CPU its p
 MULTI_CPU, never FSDP; a run launched with fsdp.yaml trains as DDP and says so), so gluetune's own
 train() runs sharded only in bench/gpu_fsdp.py, on a GPU machine. Here the shipped config is checked
 (parsing, wrap unit) and the sharded-state-dict adapter round trip runs on torch's FSDP2 itself.
+The tests that start several processes are in the slow tier, as the project's tiers put them.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def one_process(tiny_qwen, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # two processes (torchrun), about 21 s on 2 cores
 def test_two_processes_train_what_one_trains(tiny_qwen, tmp_path, one_process):
     """16 x 2 on one process and 16 x 1 on two are the same optimizer steps over the same examples
     (sampling.LengthGroupedBatches) with the same loss normalisation: the results differ only by
@@ -160,6 +162,7 @@ def test_sigkill_of_the_whole_job_then_resume_ends_where_the_run_would_have(tiny
     np.testing.assert_allclose(predictions(out), predictions(uninterrupted_two), atol=1e-6)
 
 
+@pytest.mark.slow  # two processes, about 11 s on 2 cores
 def test_an_error_at_start_stops_every_process_with_one_line(tiny_qwen, tmp_path):
     """A folder that is not empty: the main process refuses, every process exits with status 2,
     the message is printed once, and nothing is written."""
