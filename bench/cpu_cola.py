@@ -145,7 +145,7 @@ def plain_trainer_run(glue_dir: Path, epochs: float | None, pad_to_128: bool, ou
 # ---------------------------------------------------------------- contender (c)
 
 
-def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
+def gluetune_run(glue_dir: Path, epochs: float | None, out: Path, extra: list[str] = ()) -> dict:
     from gluetune.config.run import load_config
     from gluetune.config.tasks import get_task
     from gluetune.data.loading import read_glue_split
@@ -155,7 +155,7 @@ def gluetune_run(glue_dir: Path, epochs: float | None, out: Path) -> dict:
     overrides = [f"dataset.data_dir={glue_dir}", f"training.output_dir={out}"]
     if epochs is not None:
         overrides.append(f"training.num_train_epochs={epochs}")
-    config = load_config(CONFIG, overrides)
+    config = load_config(CONFIG, [*overrides, *extra])
     from gluetune.training.speed.cpu import prepare_cpu_process
 
     prepare_cpu_process(config.training)  # what `gluetune train` does on a CPU (cli.run_train)
@@ -198,11 +198,13 @@ def peak_rss_at_each_epoch_end() -> list[float]:
 # ---------------------------------------------------------------- driver
 
 
-def run_contender(name: str, glue_dir: Path, epochs: float | None) -> dict:
+def run_contender(name: str, glue_dir: Path, epochs: float | None, extra: list[str] = ()) -> dict:
     """Run one contender in a fresh process; returns its report with peak RSS."""
     cmd = [sys.executable, __file__, "--contender", name, "--glue_dir", str(glue_dir)]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
+    if name == "gluetune":
+        cmd += [arg for o in extra for arg in ("--set", o)]
     pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
@@ -217,6 +219,8 @@ def main() -> None:
     parser.add_argument("--glue_dir", default=str(ROOT / ".." / "shared" / "data" / "glue"))
     parser.add_argument("--contender", choices=["runglue", "dynamic", "gluetune"], help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for (c) only, to try a setting against the shipped one")
     args = parser.parse_args()
     glue_dir = Path(args.glue_dir).resolve()
 
@@ -229,7 +233,7 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         with tempfile.TemporaryDirectory() as tmp:
             if args.contender == "gluetune":
-                report = gluetune_run(glue_dir, args.epochs, Path(tmp) / "run")
+                report = gluetune_run(glue_dir, args.epochs, Path(tmp) / "run", args.set)
             else:
                 report = plain_trainer_run(glue_dir, args.epochs, args.contender == "runglue", Path(tmp) / "run")
         report["peak_rss_gb"] = peak_rss_gb()
@@ -241,11 +245,12 @@ def main() -> None:
     epochs = 1.0 if args.quick else None
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"python {platform.python_version()}")
-    print(f"config: {CONFIG.relative_to(ROOT)}{' (--quick: 1 epoch)' if args.quick else ''}; data: {glue_dir / 'CoLA'}")
+    changed = f"; (c) with --set {' '.join(args.set)}, not the shipped config" if args.set else ""
+    print(f"config: {CONFIG.relative_to(ROOT)}{' (--quick: 1 epoch)' if args.quick else ''}{changed}; data: {glue_dir / 'CoLA'}")
     reports = {}
     for name, label in (("runglue", "(a) run_glue default, pad to 128"), ("dynamic", "(b) Trainer+PEFT, dynamic padding"),
                         ("gluetune", "(c) gluetune")):
-        r = run_contender(name, glue_dir, epochs)
+        r = run_contender(name, glue_dir, epochs, args.set)
         r["samples_per_s"] = r["train_samples"] / r["train_wall_s"]
         r["real_tokens_per_s"] = r["real_tokens"] / r["train_wall_s"]
         reports[name] = r

@@ -89,6 +89,7 @@ def test_summary_figures_match_the_runs(half_then_full):
     assert f"`{best}` **(best)**" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow  # about 19 s: two more runs
 def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path):
     _, _, sweep_dir = half_then_full
     result = run_main("-m", "gluetune", "sweep", "--sweep_dir", str(sweep_dir), "--rerun", "learning_rate=1e-3",
@@ -100,6 +101,7 @@ def test_rerun_a_summary_row_from_its_records(half_then_full, tmp_path):
     assert "reproduced" in result.stdout
 
 
+@pytest.mark.slow  # about 11 s: a sweep of its own
 def test_single_class_runs_are_called_out(tiny_qwen, tmp_path):
     """A validation set of one repeated sentence gets one class, whatever the model: the log and
     the summary must call that out."""

@@ -74,7 +74,7 @@ def test_graphed_steps_learn_what_the_plain_path_learns(tiny_qwen, tmp_path, mon
     assert not captured[0].graphs and captured[0].trainer is None and trainers[0].graphed_steps is None
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])  # fp32: 5 s more
 def test_capture_steps_and_evaluation_share_one_autocast(tiny_qwen, tmp_path, monkeypatch, precision):
     """CUDA graphs need autocast without its weight cache, and dynamo guards on that flag: a capture in an
     autocast of its own compiled every training shape again (the budget counted them twice). The fast

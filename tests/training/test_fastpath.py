@@ -239,6 +239,7 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow  # about 18 s; the compiled layers' use is in the default tier: test_the_layers_share_the_graphs_the_plan_counts
 def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_path, caplog, eager_dynamo):
     """RTE's long pairs fill many 16-token buckets; with dynamic=False each shape (and train/eval mode)
     is one compilation, and past dynamo's recompile limit the layers would quietly run eager.

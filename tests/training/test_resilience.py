@@ -108,6 +108,7 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_matches(tiny_qwen, tmp_
     assert train_loss(out) == pytest.approx(train_loss(uninterrupted), rel=1e-6)
 
 
+@pytest.mark.slow  # about 10 s; SIGTERM mid-epoch and resume is in the default tier above
 def test_sigterm_mid_epoch_neither_evaluates_nor_saves_again_at_the_epoch_end(tiny_qwen, tmp_path):
     """With per-epoch evaluation and saving, a stop during epoch 1 (8 steps) leaves one checkpoint
     and no evaluation of the part-epoch model, which could otherwise become the "best"."""
