@@ -5,9 +5,8 @@ peft's `lora.Linear.forward` casts its input to the adapter weights' dtype (fp32
 in fp32, model.precision) before the adapter, and autocast casts it straight back to bf16 (or fp16) for
 the adapter's first matmul; the backward casts the gradient the same way twice. When the input already
 is bf16 (the output of a frozen bf16 layer: attention's context, the MLP's activation), the round trip
-returns the very values it took (bf16 -> fp32 -> bf16 is exact), so it only costs time: on the CPU
-default (MiniLM, bf16 autocast) those copies were about a tenth of a training step (docs/performance.md).
-An fp32 input (a LayerNorm's output under autocast) is not touched by either path's first cast.
+returns the very values it took (bf16 -> fp32 -> bf16 is exact), so it only costs time: two full
+copies of the activation each way, for every adapted layer. An fp32 input (a LayerNorm's output under autocast) is not touched by either path's first cast.
 
 Skipped only where the result is the same to the bit: plain LoRA on a linear layer (no DoRA or other
 variant, which reads the input in more ways), and no adapter dropout (a dropout on a bf16 input rounds
