@@ -220,7 +220,9 @@ def test_ctrl_c_on_a_ray_search_says_interrupted_and_exits_non_zero(tiny_qwen, k
                                                                    ray_node):  # noqa: F811
     address, env = ray_node
     search_dir = tmp_path / "search"
-    args = search_args(tiny_qwen, keyword_task, write_space(tmp_path / "space.yaml", [0.005, 0.004]), search_dir, 2, 3,
+    # 20 epochs of 8 steps: the Ctrl-C after the first must land before the trial ends by itself (alone here
+    # Ray's stop reached the run 17 steps after the signal; with 3 epochs a busy machine let it finish first)
+    args = search_args(tiny_qwen, keyword_task, write_space(tmp_path / "space.yaml", [0.005, 0.004]), search_dir, 2, 20,
                        "--engine", "ray", "--address", address, "--pruner", "halving", "--jobs", "1")
     search = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
