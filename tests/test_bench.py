@@ -116,6 +116,27 @@ def test_host_overhead_bench_runs_gluetune_trees_of_the_older_flat_layout(tmp_pa
     assert result.stdout.split("\n")[0] == "flat config | flat train | True"  # no configs/ in that tree: ours
 
 
+@pytest.mark.slow  # about 60 s on 2 cores
+def test_cpu_steps_bench_times_each_variant_in_its_own_process(tmp_path):
+    """Two variants of the CPU default, one by environment, one by config: each process gets its own, and
+    the table holds both with the first as the reference."""
+    probe = tmp_path / "sitecustomize.py"  # records, in each child process, the environment it ran with
+    probe.write_text("import os, sys, atexit\n"
+                     "atexit.register(lambda: '--child' in sys.argv and "
+                     "open(os.environ['PROBE_OUT'], 'a').write(os.environ.get('GT_PROBE', '-') + '\\n'))\n")
+    out = tmp_path / "seen.txt"
+    result = run_cli("bench/cpu_steps.py", "--steps", "24", "--rounds", "1", "--variant", "shipped",
+                     "--variant", "other env:GT_PROBE=on training.per_device_train_batch_size=16",
+                     env={"PYTHONPATH": str(tmp_path), "PROBE_OUT": str(out)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("shipped ", "other "))}
+    assert rows["shipped"][3] == "1.000" and float(rows["other"][1]) > 0, result.stdout
+    assert "training.per_device_train_batch_size=16 env:GT_PROBE=on" in result.stdout
+    assert sorted(out.read_text().split()) == ["-", "on"]
+    bad = run_cli("bench/cpu_steps.py", "--variant", "x nonsense")
+    assert bad.returncode != 0 and "item 'nonsense' is not KEY=VALUE" in bad.stderr
+
+
 @pytest.mark.slow
 def test_cpu_bench_quick_prints_the_result_line():
     result = run_cli("bench/cpu_cola.py", "--quick", timeout=3600)
