@@ -290,6 +290,47 @@ def test_the_layers_share_the_graphs_the_plan_counts(tiny_qwen_4_layers, tmp_pat
     assert graphs_compiled() - started == plans[0]  # and training, evaluation and predictions none more
 
 
+def _cola_with_bucket_long_sentences(root, exact: int, short: int):
+    """A CoLA folder whose training sentences are `exact` of exactly 16 tokens (one bucket: a full batch of
+    them has no padding) and `short` of 10 (the Qwen2.5 tokenizer: "The" and each " cat" are one token)."""
+    folder = root / "CoLA"
+    folder.mkdir(parents=True)
+    sentence = lambda tokens: "The" + " cat" * (tokens - 1)
+    train = [sentence(10)] * short + [sentence(16)] * exact
+    (folder / "train.tsv").write_text("".join(f"src\t{i % 2}\t\t{text}\n" for i, text in enumerate(train)))
+    (folder / "dev.tsv").write_text("".join(f"src\t{i % 2}\t\t{sentence(12 + i % 5)}\n" for i in range(32)))
+    return root
+
+
+@pytest.mark.parametrize(("exact", "short"), [(80, 0), (56, 24)])
+def test_a_batch_without_padding_is_planned_and_nothing_compiles_mid_run(exact, short, tiny_qwen, tmp_path, monkeypatch,
+                                                                         eager_dynamo):
+    """A full micro-batch of sentences exactly a bucket long has no padding; the model then drops its
+    all-ones attention mask (Qwen2 with SDPA passes None to its layers) and the layers make another graph.
+    The plan holds it: the rehearsal runs such a batch beside a padded one of the same width, and the
+    steps after it compile nothing (they compiled one graph more, mid-run, before: the CPU default hit
+    dynamo's limit that way and ran its layers eagerly from then on). With every sentence that long, the
+    padded batch is the short last one (its filler rows are padding); with both lengths, a full batch of
+    the long ones is the batch without padding."""
+    started, plans, rehearsed = graphs_compiled(), [], []
+    real_rehearse = fastpath.rehearse
+
+    def rehearse(trainer, train_batches, eval_batches, layers):
+        plans.append(2 * len(train_batches) + len(eval_batches))
+        rehearsed.extend(train_batches)
+        return real_rehearse(trainer, train_batches, eval_batches, layers)
+
+    monkeypatch.setattr(fastpath, "rehearse", rehearse)
+    glue = _cola_with_bucket_long_sentences(tmp_path / "glue", exact=exact, short=short)
+    overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=80, evals=32) + [
+        f"dataset.data_dir={glue}", "training.fast_path=true", "training.report_to=none"]
+    summary = train(load_config(REFERENCE_CONFIG, overrides)).metrics
+    assert summary["train"]["steps"] == 3
+    masks = [bool(b["attention_mask"].all()) for b in rehearsed if b["input_ids"].shape == (32, 16)]
+    assert masks == [False, True]  # one batch with padding (first: a CUDA graph is captured from it), one without
+    assert graphs_compiled() - started == plans[0]  # training and evaluation compiled none beyond the plan
+
+
 def test_dynamos_two_limits_hold_the_plan_for_the_run_only(tiny_qwen, tmp_path, caplog, eager_dynamo):
     """dynamo stops compiling a code object past `recompile_limit` (cache entries, 8 by default) or
     `accumulated_recompile_limit` (compilations, 256), and from then on runs it eagerly without a word.

@@ -108,6 +108,12 @@ class GraphedSteps:
         return loss.detach()
 
     def capture(self, batch: dict[str, torch.Tensor]) -> None:
+        """One graph per shape, from the first batch of that shape (fastpath.rehearsal_batches puts a padded
+        one first). The model decides on the host whether to read the attention mask (not when it is all
+        ones), so a graph recorded from a batch without padding would skip the mask for every batch it
+        replays; one recorded from a padded batch reads it, which is right for an all-ones mask too."""
+        if tuple(batch["input_ids"].shape) in self.graphs:
+            return
         static = StaticBatch({k: v.to(self.device) for k, v in batch.items()})
         self.model.train()
         self.grads.attach()

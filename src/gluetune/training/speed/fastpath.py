@@ -199,11 +199,13 @@ def padded(length: int, bucket: int = BUCKET) -> int:
 
 
 def evaluation_batches(lengths: list[int], batch_size: int) -> list[range]:
-    """One index range per distinct (rows, width) among an evaluation set's in-order batches."""
+    """One index range per distinct (rows, width, without padding) among an evaluation set's in-order
+    batches (a batch without padding makes a graph of its own: see rehearsal_batches)."""
     seen, picked = set(), []
     for start in range(0, len(lengths), batch_size):
         rows = range(start, min(start + batch_size, len(lengths)))
-        shape = (len(rows), padded(max(lengths[i] for i in rows)))
+        width = padded(max(lengths[i] for i in rows))
+        shape = (len(rows), width, all(lengths[i] == width for i in rows))
         if shape not in seen:
             seen.add(shape)
             picked.append(rows)
@@ -221,13 +223,30 @@ def features_of(dataset, indices: Iterable[int]) -> list[dict[str, Any]]:
 
 
 def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dict], list[dict]]:
-    """Real collated batches, one per training shape and one per evaluation shape."""
+    """Real collated batches, one per training shape and one per evaluation shape.
+
+    A batch whose every row fills its bucket exactly has no padding, and for it the model drops the
+    attention mask before its layers (BERT's and Qwen2's with SDPA do: the mask is all ones), so the
+    layers see `None` where a mask was and make a graph of their own. Such a batch is a shape of its
+    own here wherever one can occur (a full micro-batch of examples exactly a bucket long: the filler
+    rows of a short batch are padding); unplanned, it compiled in the middle of a run, past the
+    limits the plan set, and ran eagerly from then on (the CPU default on the fast path did). A width's
+    padded batch comes first (cudagraphs captures it: see GraphedSteps.capture)."""
     lengths = train_set["length"]
     rows = trainer.args.per_device_train_batch_size
-    examples = {}  # width -> indices of examples that make a batch that wide
-    for index, length in enumerate(lengths):
-        examples.setdefault(padded(length), []).append(index)
-    train_batches = [trainer.train_collator(features_of(train_set, examples[width][:rows])) for width in sorted(examples)]
+    examples = {}  # width -> indices of examples that make a batch that wide, shortest first
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        examples.setdefault(padded(lengths[index]), []).append(index)
+    train_batches = []
+    for width in sorted(examples):
+        first = examples[width][:rows]
+        exact = [i for i in examples[width] if lengths[i] == width]
+        picked = [first]
+        if len(first) == rows and len(exact) == len(examples[width]):  # all exact: padding only from filler rows
+            picked = [first[:-1], first] if rows > 1 else picked
+        elif len(exact) >= rows:  # a full batch of exact ones beside the padded ones
+            picked.append(exact[:rows])
+        train_batches += [trainer.train_collator(features_of(train_set, indices)) for indices in picked]
     eval_batches = [trainer.data_collator(features_of(ds, indices)) for ds in eval_sets
                     for indices in evaluation_batches(ds["length"], trainer.args.per_device_eval_batch_size)]
     return train_batches, eval_batches
