@@ -237,19 +237,23 @@ def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dic
     examples = {}  # width -> indices of examples that make a batch that wide, shortest first
     for index in sorted(range(len(lengths)), key=lengths.__getitem__):
         examples.setdefault(padded(lengths[index]), []).append(index)
-    train_batches = []
-    for width in sorted(examples):
-        first = examples[width][:rows]
-        exact = [i for i in examples[width] if lengths[i] == width]
-        picked = [first]
-        if len(first) == rows and len(exact) == len(examples[width]):  # all exact: padding only from filler rows
-            picked = [first[:-1], first] if rows > 1 else picked
-        elif len(exact) >= rows:  # a full batch of exact ones beside the padded ones
-            picked.append(exact[:rows])
-        train_batches += [trainer.train_collator(features_of(train_set, indices)) for indices in picked]
+    train_batches = [trainer.train_collator(features_of(train_set, indices)) for width in sorted(examples)
+                     for indices in batches_of_a_width(examples[width], lengths, width, rows)]
     eval_batches = [trainer.data_collator(features_of(ds, indices)) for ds in eval_sets
                     for indices in evaluation_batches(ds["length"], trainer.args.per_device_eval_batch_size)]
     return train_batches, eval_batches
+
+
+def batches_of_a_width(indices: list[int], lengths: list[int], width: int, rows: int) -> list[list[int]]:
+    """The rows of one training batch `width` tokens wide (`indices`: the examples that wide, shortest
+    first) and, where a batch without padding can occur too, of one such: the padded one first."""
+    first = indices[:rows]
+    exact = [i for i in indices if lengths[i] == width]
+    if len(first) == rows and len(exact) == len(indices):  # all exact: only a short batch's filler rows pad
+        return [first[:-1], first] if rows > 1 else [first]
+    if len(exact) >= rows:  # a full batch of exact ones beside the padded ones
+        return [first, exact[:rows]]
+    return [first]
 
 
 def rehearsal_loss(trainer, batch: dict) -> torch.Tensor:
