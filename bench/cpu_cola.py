@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 # bench/machine.py, importable because the scripts run as python bench/<name>.py
+from children import child_env
 from flops import linear_flops, peak_gflops, run_flops
 from machine import cpu_name
 
@@ -205,9 +206,7 @@ def run_contender(name: str, glue_dir: Path, epochs: float | None, extra: list[s
         cmd += ["--epochs", str(epochs)]
     if name == "gluetune":
         cmd += [arg for o in extra for arg in ("--set", o)]
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env())
     if result.returncode != 0:
         sys.exit(f"contender {name} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

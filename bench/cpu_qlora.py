@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import cpu_name  # bench/machine.py (the scripts run as python bench/<name>.py)
+from children import child_env  # bench/children.py and bench/machine.py (the scripts run as python bench/<name>.py)
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_smollm2_cpu.yaml"
@@ -51,10 +52,10 @@ def one_run(name: str, glue_dir: Path, train_samples: int | None, epochs: float,
 def run_in_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--glue_dir", str(args.glue_dir), "--epochs", str(args.epochs),
            "--seed", str(args.seed), "--train_samples", str(args.train_samples or 0)]
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     # Passive OpenMP waits for both runs: what `gluetune train` sets for a quantized base (see
     # model.quantization.wait_passively_on_cpu), here for the full-precision run too, so that the times compare.
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
+    env = child_env()
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     log_dir = Path(args.log_dir or tempfile.mkdtemp())
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"  # the run's progress, to follow it

@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from children import child_env, every_trainer_adds
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +87,7 @@ def child(glue_dir: str, steps: int, overrides: list[str], profile: bool) -> Non
                 if profiler is not None:
                     profiler.stop()  # before the run's closing evaluation
 
-    original_train = transformers.Trainer.train
-
-    def timed_train(self, *args, **kwargs):
-        self.add_callback(Clock())
-        return original_train(self, *args, **kwargs)
-
-    transformers.Trainer.train = timed_train
+    every_trainer_adds(Clock)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(CONFIG, [f"dataset.data_dir={glue_dir}", f"training.output_dir={Path(tmp) / 'run'}",
                                       "training.eval_strategy=no", "training.save_strategy=no",
@@ -113,9 +108,7 @@ def child(glue_dir: str, steps: int, overrides: list[str], profile: bool) -> Non
 def run_variant(variant: dict, args, profile: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", "--glue_dir", args.glue_dir, "--steps", str(args.steps),
            *[a for o in variant["overrides"] for a in ("--set", o)], *(["--profile"] if profile else [])]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **variant["env"],
-           "PYTHONPATH": os.pathsep.join(filter(None, [variant["src"], os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(variant["src"], **variant["env"]))
     if result.returncode != 0:
         sys.exit(f"variant {variant['name']} failed:\n{result.stderr[-3000:]}")
     output = result.stdout.strip()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gpu_qwen import build_random_model  # (the bench folder is not a package)
+from children import child_env  # (the bench folder is not a package)
+from gpu_qwen import build_random_model
 
 EFFECTIVE_BATCH = 32
 
@@ -60,8 +60,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gluetune-fsdp-"))
     model = work / "model"
     build_random_model(Path(args.model_config), Path(args.tokenizer), model, args.smoke)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
     def train(out: Path, launcher: list[str], per_device: int) -> subprocess.CompletedProcess:
         sets = [f"model.name_or_path={model}", f"dataset.data_dir={args.glue_dir}", "dataset.max_train_samples=256",

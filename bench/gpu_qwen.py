@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from children import child_env  # (the bench folder is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
@@ -260,10 +261,7 @@ def run_child(args, name: str, model: Path, epochs: float, cache: Path, probe_st
     cmd = [sys.executable, __file__, "--contender", name, "--model", str(model), "--glue_dir", args.glue_dir,
            "--epochs", str(epochs), "--probe_steps", str(probe_steps)] + (["--smoke"] if args.smoke else [])
     cmd += [arg for item in args.overrides for arg in ("--set", item)]
-    # keep the caller's PYTHONPATH (packages carried onto a device machine live there)
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    env = child_env(PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     timer = threading.Timer(timeout, process.kill) if timeout else None
     if timer:

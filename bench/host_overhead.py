@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from children import child_env, every_trainer_adds
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
 CONFIG = ROOT / "configs" / "glue_cola_qwen.yaml"
@@ -101,19 +103,6 @@ class StepClock:
             if keep and line.strip():
                 lines.append(line.replace(str(Path(sys.prefix)), "<venv>").replace(str(ROOT), "<repo>"))
         return lines
-
-
-def with_clock(clock: StepClock) -> None:
-    """Every Trainer of this process gets the clock (gluetune's and the baseline's alike, any version)."""
-    from transformers import Trainer
-
-    train = Trainer.train
-
-    def timed_train(self, *args, **kwargs):
-        self.add_callback(clock.callback())
-        return train(self, *args, **kwargs)
-
-    Trainer.train = timed_train
 
 
 def gluetune_entry_points():
@@ -178,7 +167,7 @@ def child(args) -> None:
     # the machine's scheduling noise to the host work this measures.
     torch.set_num_threads(1)
     clock = StepClock(profile=args.profile and args.contender != "fast")  # compiled code hides from cProfile
-    with_clock(clock)
+    every_trainer_adds(clock.callback)
     with tempfile.TemporaryDirectory(prefix=f"host-overhead-{args.contender}-") as out:
         if args.contender == "baseline":
             run_baseline(Path(args.model), Path(args.glue_dir), Path(out), args.examples, args.epochs)
@@ -195,8 +184,7 @@ def run_once(name: str, args, model: Path, src: Path, tmp: str, profile: bool) -
     if profile:
         cmd.append("--profile")
     gluetune_src = src if name != "baseline" else ROOT / "src"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(gluetune_src), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+    env = child_env(gluetune_src, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"))
     started = time.perf_counter()
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:

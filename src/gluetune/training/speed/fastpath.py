@@ -234,9 +234,9 @@ def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dic
     padded batch comes first (cudagraphs captures it: see GraphedSteps.capture)."""
     lengths = train_set["length"]
     rows = trainer.args.per_device_train_batch_size
-    examples = {}  # width -> indices of examples that make a batch that wide, shortest first
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        examples.setdefault(padded(lengths[index]), []).append(index)
+    examples = {}  # width -> indices of examples that make a batch that wide
+    for index, length in enumerate(lengths):
+        examples.setdefault(padded(length), []).append(index)
     train_batches = [trainer.train_collator(features_of(train_set, indices)) for width in sorted(examples)
                      for indices in batches_of_a_width(examples[width], lengths, width, rows)]
     eval_batches = [trainer.data_collator(features_of(ds, indices)) for ds in eval_sets
@@ -245,11 +245,12 @@ def rehearsal_batches(trainer, train_set, eval_sets: Iterable) -> tuple[list[dic
 
 
 def batches_of_a_width(indices: list[int], lengths: list[int], width: int, rows: int) -> list[list[int]]:
-    """The rows of one training batch `width` tokens wide (`indices`: the examples that wide, shortest
-    first) and, where a batch without padding can occur too, of one such: the padded one first."""
-    first = indices[:rows]
+    """The rows of one training batch `width` tokens wide (`indices`: the examples that wide) and, where a
+    batch without padding can occur too, of one such: the padded one first."""
     exact = [i for i in indices if lengths[i] == width]
-    if len(first) == rows and len(exact) == len(indices):  # all exact: only a short batch's filler rows pad
+    shorter = [i for i in indices if lengths[i] < width]
+    first = (shorter + exact)[:rows]  # padded by a shorter example, or by filler rows if too few
+    if not shorter and len(first) == rows:  # all exact: only a short batch's filler rows pad
         return [first[:-1], first] if rows > 1 else [first]
     if len(exact) >= rows:  # a full batch of exact ones beside the padded ones
         return [first, exact[:rows]]
