@@ -27,6 +27,7 @@ builds the run as `gluetune train` does (training.run's own pieces) and prints o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import tempfile
@@ -201,10 +202,10 @@ def main() -> None:
           f"{backend}", flush=True)
     check = Checks()
     kind = cudagraphs.GraphedSteps if cuda else cudagraphs.EagerReplays
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         config, trainer, train_set, evals = build_run(args, Path(tmp), cuda)
         model, device_ = trainer.model, trainer.args.device
-        layers = fastpath.prepare_model(trainer, config)
+        layers = stack.enter_context(fastpath.compiled_layers(trainer, config))
         train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
         shapes = [tuple(b["input_ids"].shape) for b in train_batches]
         rows = trainer.args.per_device_train_batch_size
@@ -213,8 +214,9 @@ def main() -> None:
                       f"{len(eval_batches)} evaluation shape(s)")
         dropouts = set_dropout(model, 0.0)
         plan = fastpath.planned_graphs(train_batches, eval_batches)
-        # +2: the dropout check's bucket, compiled again for its dropout probability (dynamo guards on it)
-        with fastpath.compile_limits(plan + 2):
+        # +1: the dropout check's bucket (one training shape), compiled again for its dropout probability
+        # (dynamo guards on it)
+        with fastpath.compile_limits(plan + 1):
             before, before_layer, breaks = graphs(), layer_graphs(layers), sum(counters["graph_break"].values())
             compiled = fastpath.rehearse(trainer, train_batches, eval_batches, layers)
             made, per_layer = graphs() - before, layer_graphs(layers) - before_layer

@@ -137,6 +137,21 @@ def test_cpu_steps_bench_times_each_variant_in_its_own_process(tmp_path):
     assert bad.returncode != 0 and "item 'nonsense' is not KEY=VALUE" in bad.stderr
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores: one cold compilation of the MiniLM's layers
+def test_cpu_first_run_bench_compiles_cold_then_warm():
+    """Three runs of the CPU default, each its own process: the fast path's first compiles into an empty
+    cache, the plain one compiles nothing, the second fast one reads the cache the first filled."""
+    result = run_cli("bench/cpu_first_run.py", "--set", "training.num_train_epochs=0.05",
+                     "--set", "dataset.max_eval_samples=64", timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line[:12].strip(): line[12:].split() for line in result.stdout.splitlines()
+            if line.startswith(("fast, cold", "plain", "fast, warm"))}
+    assert set(rows) == {"fast, cold", "plain", "fast, warm"}, result.stdout
+    assert rows["plain"][2] == "-"  # no compilation on the plain path
+    assert int(rows["fast, warm"][2]) < int(rows["fast, cold"][2]), result.stdout
+    assert all(0 < float(row[4]) < 24 for row in rows.values())  # a peak RSS in GB was read for each process
+
+
 @pytest.mark.slow
 def test_cpu_bench_quick_prints_the_result_line():
     result = run_cli("bench/cpu_cola.py", "--quick", timeout=3600)

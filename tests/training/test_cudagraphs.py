@@ -97,7 +97,7 @@ def test_capture_steps_and_evaluation_share_one_autocast(tiny_qwen, tmp_path, mo
     real_rehearse, real_use_graphs = fastpath.rehearse, cudagraphs.use_graphs
 
     def rehearse(trainer, train_batches, eval_batches, layers):
-        plan.append(2 * len(train_batches) + len(eval_batches))
+        plan.append(len(train_batches) + len(eval_batches))
         compiled = real_rehearse(trainer, train_batches, eval_batches, layers)
         counted["rehearsal"] = graphs() - counted["start"]
         return compiled

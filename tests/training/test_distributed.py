@@ -122,6 +122,24 @@ def test_two_processes_train_what_one_trains(tiny_qwen, tmp_path, one_process):
     assert {f"rng_state_{r}.pth" for r in (0, 1)} <= {p.name for p in (out / "checkpoint-10").iterdir()}
 
 
+@pytest.mark.slow  # two processes compiling with inductor, about 60 s on 2 cores
+def test_two_processes_on_the_fast_path_train_what_one_trains(tiny_qwen, tmp_path, one_process):
+    """The fast path on two processes (the CPU default's path): each rehearses and compiles its layers
+    before the first step, pads its piece of a step to its own rows (the short last step splits 2 + 1,
+    both pieces mostly filler rows), and the job trains what one plain process trains, to float rounding."""
+    out = tmp_path / "two-fast"
+    stderr = finish(launch(*torchrun(), out=out, size=SAME_RUN, model=tiny_qwen,
+                           extra=("--set", "peft.lora_dropout=0", "--set", "training.gradient_accumulation_steps=1",
+                                  "--set", "training.fast_path=true")))
+    assert "effective batch 32 = 16 per device x 1 accumulation x 2 process(es) (DDP)" in stderr
+    assert "fast path: compiled in" in stderr and "rehearsal before training failed" not in stderr
+    np.testing.assert_allclose(predictions(out), predictions(one_process), atol=1e-4)
+    one, two = (json.loads((o / "metrics.json").read_text()) for o in (one_process, out))
+    assert two["train"]["steps"] == one["train"]["steps"] == 10
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-4)
+    assert listing(out) == listing(one_process)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_two(tiny_qwen, tmp_path_factory):
     """The reference recipe (dropout 0.1) on two processes, launched with the FSDP config: on a CPU

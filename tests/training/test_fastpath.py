@@ -158,6 +158,16 @@ def test_a_failing_compilation_trains_on_the_plain_path_with_nothing_lost(tiny_q
     assert_same_training(runs["plain"], runs["fast"], rel=1e-4)
 
 
+def test_only_the_repeated_layers_are_compiled(tiny_qwen, minilm_path):
+    """The regions are the classes a model names in `_no_split_modules` that occur more than once: BERT
+    names its embeddings too, which would make graphs of their own for every shape, shared with nothing."""
+    from transformers import AutoModelForSequenceClassification
+
+    for path, layer, count in ((minilm_path, "BertLayer", 6), (tiny_qwen, "Qwen2DecoderLayer", 2)):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        assert [type(m).__name__ for m in fastpath.compile_regions(model)] == [layer] * count
+
+
 def test_the_rehearsal_changes_no_weight_gradient_random_stream_or_step(tiny_qwen, tmp_path):
     _, trainer, train_set = trainer_for(tiny_qwen, tmp_path, "training.fast_path=true", "peft.lora_dropout=0.1")
     model = trainer.model
@@ -259,8 +269,8 @@ def test_the_fast_paths_compiled_layers_are_used_on_long_pairs(tiny_qwen, tmp_pa
 
 def test_the_layers_share_the_graphs_the_plan_counts(tiny_qwen_4_layers, tmp_path, monkeypatch, caplog, eager_dynamo):
     """One graph per shape and mode, shared by every layer (one code object), as the plan counts them:
-    two per training shape (the first layer's input, from the frozen embeddings, does not require grad,
-    the later layers' do: dynamo guards on it) and one per evaluation shape; the steps, evaluations and
+    one per training shape (the first layer's input requires grad as the later layers' do: dynamo guards
+    on it, and the first layer made graphs of its own before) and one per evaluation shape; the steps, evaluations and
     final predictions after the rehearsal add none. Counted on 4 layers, where a per-layer graph shows:
     dynamo specialises on the int attributes a traced forward reads, and a KV cache's update reads
     `layer_idx`, so a model that runs with its cache on (here `training.use_cache`, which the Trainer
@@ -274,7 +284,7 @@ def test_the_layers_share_the_graphs_the_plan_counts(tiny_qwen_4_layers, tmp_pat
     real_rehearse = fastpath.rehearse
 
     def rehearse(trainer, train_batches, eval_batches, layers):
-        plans.append(2 * len(train_batches) + len(eval_batches))
+        plans.append(len(train_batches) + len(eval_batches))
         compiled = real_rehearse(trainer, train_batches, eval_batches, layers)
         after_rehearsal.append((compiled, graphs_compiled() - started))
         return compiled
@@ -283,11 +293,15 @@ def test_the_layers_share_the_graphs_the_plan_counts(tiny_qwen_4_layers, tmp_pat
     overrides = tiny_overrides(tiny_qwen_4_layers, tmp_path / "run", train=64, evals=32, fp32=False) + [
         "training.fast_path=true", "training.report_to=none", "training.use_cache=true"]
     with caplog.at_level("WARNING", logger="gluetune"):
-        summary = train(load_config(REFERENCE_CONFIG, overrides)).metrics
+        outcome = train(load_config(REFERENCE_CONFIG, overrides))
+    summary = outcome.metrics
     assert summary["precision"] == "bf16" and summary["train"]["steps"] == 2
     assert caplog.text.count("fast path: the model's KV cache off (training.use_cache asked for it)") == 1
     assert after_rehearsal == [(True, plans[0])], caplog.text  # the rehearsal compiled the plan's graphs
     assert graphs_compiled() - started == plans[0]  # and training, evaluation and predictions none more
+    # the model the run returns is eager again, its input embeddings without the hook: as a folder loads it
+    assert all(m._compiled_call_impl is None for m in outcome.model.modules())
+    assert not outcome.model.get_input_embeddings()._forward_hooks
 
 
 def _cola_with_bucket_long_sentences(root, exact: int, short: int):
@@ -316,7 +330,7 @@ def test_a_batch_without_padding_is_planned_and_nothing_compiles_mid_run(exact, 
     real_rehearse = fastpath.rehearse
 
     def rehearse(trainer, train_batches, eval_batches, layers):
-        plans.append(2 * len(train_batches) + len(eval_batches))
+        plans.append(len(train_batches) + len(eval_batches))
         rehearsed.extend(train_batches)
         return real_rehearse(trainer, train_batches, eval_batches, layers)
 
@@ -336,7 +350,7 @@ def test_dynamos_two_limits_hold_the_plan_for_the_run_only(tiny_qwen, tmp_path, 
     `accumulated_recompile_limit` (compilations, 256), and from then on runs it eagerly without a word.
     The fast path raises both to what its plan compiles, for the run only, and says so in one line.
     Both are 1 here (fail_on_recompile_limit_hit makes a hit the rehearsal's failure): one bucket
-    (max_length 16) and evaluation in batches of 32 with a short last one make 4 graphs."""
+    (max_length 16) and evaluation in batches of 32 with a short last one make 3 graphs."""
     import torch._dynamo
 
     overrides = tiny_overrides(tiny_qwen, tmp_path / "run", train=64, evals=48) + [
@@ -348,7 +362,7 @@ def test_dynamos_two_limits_hold_the_plan_for_the_run_only(tiny_qwen, tmp_path, 
         train(load_config(REFERENCE_CONFIG, overrides))
         after = torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit
     assert "rehearsal before training failed" not in caplog.text
-    assert graphs_compiled() - started == 4  # 2 in training, one per evaluation batch shape
+    assert graphs_compiled() - started == 3  # 1 in training, one per evaluation batch shape
     assert after == (1, 1)  # put back when the run ended
     said = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert len(said) == 1 and "\n" not in said[0], said

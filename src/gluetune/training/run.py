@@ -228,13 +228,14 @@ def _build_trainer(config: RunConfig, args, tokenizer, model, train_set, evals: 
 @contextlib.contextmanager
 def _fast_path(config: RunConfig, trainer, train_set, evals: dict):
     """With the fast path: its compiled layers, compiled before the first step, and its captured steps;
-    dynamo's recompile limits hold every graph the run makes until the block ends (the last prediction)."""
+    dynamo's recompile limits hold every graph the run makes until the block ends (the last prediction),
+    and the model is eager again after it."""
     if not fastpath.enabled(config):
         yield
         return
-    layers = fastpath.prepare_model(trainer, config)
     train_batches, eval_batches = fastpath.rehearsal_batches(trainer, train_set, evals.values())
-    with fastpath.compile_limits(fastpath.planned_graphs(train_batches, eval_batches)):
+    with fastpath.compiled_layers(trainer, config) as layers, \
+            fastpath.compile_limits(fastpath.planned_graphs(train_batches, eval_batches)):
         fastpath.rehearse(trainer, train_batches, eval_batches, layers)
         if config.training.get("cuda_graphs"):
             cudagraphs.use_graphs(trainer, train_batches)

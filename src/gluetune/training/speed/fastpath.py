@@ -22,8 +22,10 @@ run with the same seed, and reaches the same validation score only within the sp
   graphs: `reduce-overhead` on a block that runs 28 times a step crashed on an H200 (CUDA-graph trees
   free a block's outputs when it is entered again, while the next block and the backward still read
   them; pytorch/pytorch#152887). Whole-step CUDA graphs are `training.cuda_graphs` (cudagraphs.py).
-  Every layer shares one graph per shape and mode (planned_graphs), the model's KV cache off; dynamo's
-  two recompile limits are raised to hold them for the run, and put back after (compile_limits).
+  Every layer shares one graph per shape and mode (planned_graphs): the model's KV cache off, the first
+  layer's input made to require grad as the others' do (layer_inputs_require_grad); dynamo's two
+  recompile limits are raised to hold them for the run, and put back after (compile_limits). The
+  model is eager again when the run ends (compiled_layers).
 - **A rehearsal before training** (`rehearse`): every training shape runs forward and backward once,
   every evaluation shape forward once, so compilation happens (and fails) before the first step; on a
   failure the run says so in one line and trains with eager layers (the same arithmetic), nothing
@@ -38,6 +40,7 @@ every path.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -116,22 +119,46 @@ class BucketCollator:
 
 
 def compile_regions(model) -> list[torch.nn.Module]:
-    """The modules compiled one by one: those transformers names in `_no_split_modules` (what FSDP
-    wraps and device maps keep whole), the repeated decoder or encoder layers and, for some models
-    (BERT's `BertEmbeddings`), the embeddings too."""
+    """The modules compiled one by one: the repeated decoder or encoder layers, found as the classes
+    transformers names in `_no_split_modules` (what FSDP wraps and device maps keep whole) that occur more
+    than once. A class that occurs once (BERT's `BertEmbeddings` is named too) would make graphs of its
+    own for every shape, shared with nothing: on the CPU default they cost 13 s of a cold first
+    compilation (61 s with them, 48 s without) for no measurable gain per step (docs/performance.md)."""
     names = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    regions = [m for m in model.modules() if type(m).__name__ in names]
+    count = collections.Counter(type(m) for m in regions)
+    return [m for m in regions if count[type(m)] > 1]
 
 
-def prepare_model(trainer, config) -> list[torch.nn.Module]:
-    """Compile each repeated layer in place (regional compilation); returns the compiled layers.
+def layer_inputs_require_grad(model) -> torch.utils.hooks.RemovableHandle:
+    """In training, the input embeddings' output requires grad, so that the first layer's input does, as
+    every later layer's does: dynamo guards on it, and without this the first layer made a graph of its
+    own for each training shape (twice the compilation). The price is the first layer's input gradient,
+    computed and dropped: one layer's share of the backward's input-gradient products. In evaluation
+    (no grad) nothing changes, so evaluation keeps one graph per shape. (transformers'
+    `enable_input_require_grads` sets it under no_grad too, which would split evaluation instead.)"""
+
+    def require_grad(module, inputs, output):
+        if torch.is_grad_enabled():
+            output.requires_grad_(True)
+
+    return model.get_input_embeddings().register_forward_hook(require_grad)
+
+
+@contextlib.contextmanager
+def compiled_layers(trainer, config):
+    """Each repeated layer compiled in place (regional compilation) while the block runs; yields the
+    compiled layers (none without the fast path). After the block the model is eager again, as a
+    folder loads it: the model a run returns would otherwise compile a graph for every new shape it is
+    given, outside the run's plan and past the limits the run set (compile_limits).
 
     No `mode="reduce-overhead"` on CUDA: one compiled block entered 28 times a step and CUDA-graph
     trees do not mix (see the module's docstring); whole-step graphs are cudagraphs.py's."""
     if not enabled(config):
-        return []
+        yield []
+        return
     layers = compile_regions(trainer.model)
     # dynamic=False makes one graph per input shape and mode, shared by every layer (one code object;
     # planned_graphs counts them) as long as the traced forward reads no int attribute that differs
@@ -146,18 +173,23 @@ def prepare_model(trainer, config) -> list[torch.nn.Module]:
         model_config.use_cache = False
     for layer in layers:
         layer.compile(dynamic=False)
+    hook = layer_inputs_require_grad(trainer.model) if layers else None
     logger.info("fast path: one micro-batch per step (%d rows), %d-token buckets, %d compiled layers",
                 trainer.args.per_device_train_batch_size, BUCKET, len(layers))
-    return layers
+    try:
+        yield layers
+    finally:
+        uncompile(layers)
+        if hook is not None:
+            hook.remove()
 
 
 def planned_graphs(train_batches: list, eval_batches: list) -> int:
-    """The graphs the compiled layers make in a run, shared by every layer: two per training shape (the
-    first layer's input, from the frozen embeddings, does not require grad, the later layers' inputs do,
-    and dynamo guards on it) and one per evaluation shape. The rehearsal, the CUDA-graph capture, the
-    steps and the evaluations all run in one autocast (GluetuneTrainer's `autocast_cache`), so they make no
-    others."""
-    return 2 * len(train_batches) + len(eval_batches)
+    """The graphs the compiled layers make in a run, shared by every layer: one per training shape (every
+    layer's input requires grad: layer_inputs_require_grad) and one per evaluation shape. The rehearsal,
+    the CUDA-graph capture, the steps and the evaluations all run in one autocast (GluetuneTrainer's
+    `autocast_cache`), so they make no others."""
+    return len(train_batches) + len(eval_batches)
 
 
 @contextlib.contextmanager
