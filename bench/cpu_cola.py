@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,7 +38,7 @@ from pathlib import Path
 # bench/machine.py, importable because the scripts run as python bench/<name>.py
 from children import child_env
 from flops import linear_flops, peak_gflops, run_flops
-from machine import cpu_name
+from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_minilm_cpu.yaml"
@@ -239,11 +237,8 @@ def main() -> None:
         print(json.dumps(report))
         return
 
-    import torch
-
     epochs = 1.0 if args.quick else None
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"python {platform.python_version()}")
+    print(machine_line())
     changed = f"; (c) with --set {' '.join(args.set)}, not the shipped config" if args.set else ""
     print(f"config: {CONFIG.relative_to(ROOT)}{' (--quick: 1 epoch)' if args.quick else ''}{changed}; data: {glue_dir / 'CoLA'}")
     reports = {}

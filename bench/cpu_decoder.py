@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -45,7 +44,7 @@ import time
 from pathlib import Path
 
 # bench/machine.py, importable because the scripts run as python bench/<name>.py
-from machine import cpu_name
+from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_smollm2_cpu.yaml"
@@ -165,8 +164,6 @@ def main() -> None:
 
 
 def run(args, glue_dir: Path, smoke_dir: Path | None) -> None:
-    import torch
-
     from gluetune.config.run import load_config
 
     extra = [*args.extra, *(SMOKE_RUN if args.smoke else [])]
@@ -181,8 +178,7 @@ def run(args, glue_dir: Path, smoke_dir: Path | None) -> None:
             finished_runs(config_path, glue_dir, args.seeds, sweep_dir, overrides)
     config = load_config(args.config, [f"dataset.data_dir={glue_dir}"])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"python {platform.python_version()}; load average at start {load}", flush=True)
+    print(f"{machine_line()}; load average at start {load}", flush=True)
     print(f"model: {config.model.name_or_path} {config.model.gguf_file}; data: {glue_dir / 'CoLA'}"
           f"{f'; SMOKE: {SMOKE_SENTENCES} sentences, 32-sentence runs' if args.smoke else ''}", flush=True)
     probe = frozen_probe(config, glue_dir, SMOKE_SENTENCES if args.smoke else None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from children import child_env
-from machine import cpu_name
+from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_minilm_cpu.yaml"
@@ -67,10 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [f"dataset.data_dir={Path(args.glue_dir).resolve()}", *args.set]
 
-    import torch
-
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"python {platform.python_version()}")
+    print(machine_line())
     print(f"config: {CONFIG.relative_to(ROOT)}{', with ' + ' '.join(args.set) if args.set else ''}; one process at a time")
     print(f"{'run':12s} {'process_s':>9s} {'train_s':>8s} {'compile_s':>9s} {'mcc':>7s} {'peak_gb':>7s}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

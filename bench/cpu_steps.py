@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,7 +31,7 @@ import time
 from pathlib import Path
 
 from children import child_env, every_trainer_adds
-from machine import cpu_name
+from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "glue_cola_minilm_cpu.yaml"
@@ -134,10 +132,7 @@ def main() -> None:
         sys.exit(f"--steps must be more than {WARMUP_STEPS + 1}")
     variants = [parse_variant(v) for v in args.variant] or [parse_variant("shipped")]
 
-    import torch
-
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"python {platform.python_version()}")
+    print(machine_line())
     print(f"config: {CONFIG.relative_to(ROOT)}, training steps {WARMUP_STEPS}-{args.steps} timed; {args.rounds} rounds, "
           "one process at a time, order rotated")
     rounds: list[dict] = []

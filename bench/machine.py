@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -19,3 +20,11 @@ def cpu_info(field: str) -> str:
 
 def cpu_name() -> str:
     return cpu_info("model name") or platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """The line a CPU benchmark's output starts with: the CPU and its cores, torch and its threads, python."""
+    import torch
+
+    return (f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}")
